@@ -1,0 +1,1 @@
+"""Checkpoint converters (HF dir, GGUF, Meta) to shard directories, and the inspector."""

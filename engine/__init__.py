@@ -1,0 +1,1 @@
+"""Infrastructure shared by every entry point: model config, shard store, tokenizer, I/O, communication."""

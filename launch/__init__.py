@@ -1,0 +1,1 @@
+"""Entry points: torchrun infer.py, shell scripts per model size, smoke tests."""

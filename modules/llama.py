@@ -1,0 +1,216 @@
+"""Llama blocks, each loadable from its shard file. The maths follows HF ``modeling_llama.py``.
+
+Every forward takes a ``StepContext`` built once per step and shared by all layers of a
+stage: RoPE tables for the step's positions, the attention mask (causal plus left
+padding) and where the step's keys go in the KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.shards import EMBEDDINGS, LM_HEAD, load_shard
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies, with llama3 scaling when the config asks for it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if not s:
+        return inv_freq
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+@dataclass
+class StepContext:
+    """What every layer of a stage needs for one forward step of one micro-batch."""
+
+    cos: torch.Tensor  # (B, T, head_dim)
+    sin: torch.Tensor  # (B, T, head_dim)
+    mask: torch.Tensor  # (B, 1, T, start + T) bool: which keys each query may see
+    start: int  # cache slot of the step's first token
+    real: torch.Tensor  # (B, T) bool: real tokens (not padding, not finished rows)
+
+    @classmethod
+    def build(
+        cls,
+        inv_freq: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor,
+        start: int,
+        real: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> StepContext:
+        """``positions`` (B, T) are the rotary positions; ``key_valid`` (B, start + T) marks
+        the cache slots holding real keys. A query always sees itself, so padded rows stay
+        finite instead of turning NaN and leaking through zero attention weights."""
+        freqs = positions[..., None].float() * inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        t = positions.shape[1]
+        q_slot = torch.arange(start, start + t, device=positions.device)[:, None]
+        k_slot = torch.arange(start + t, device=positions.device)[None, :]
+        mask = (k_slot <= q_slot) & key_valid[:, None, :]
+        mask |= k_slot == q_slot
+        return cls(emb.cos().to(dtype), emb.sin().to(dtype), mask[:, None], start, real)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer for one micro-batch, written in place."""
+
+    def __init__(self, batch: int, num_kv_heads: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, num_kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(h, config.q_size, bias=False)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=False)
+        self.v_proj = nn.Linear(h, config.kv_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, h, bias=False)
+
+    def heads(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None) -> torch.Tensor:
+        """Per-head attention outputs before ``o_proj``: (B, T, heads, head_dim)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.cos[:, None], ctx.sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(ctx.start, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return out.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None = None) -> torch.Tensor:
+        return self.o_proj(self.heads(x, ctx, cache).flatten(2))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, ffn = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, ffn, bias=False)
+        self.up_proj = nn.Linear(h, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, h, bias=False)
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up: the intermediate activation whose sparsity predictors study."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(x))
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor], rename: dict[str, str] | None = None) -> None:
+    """Copy shard tensors into a module; shapes were checked by ``load_shard``."""
+    rename = rename or {}
+    state = {rename.get(k, k): t for k, t in tensors.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer: h = x + Attn(Norm(x)); out = h + MLP(Norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        _load(self, tensors, {k: f"mlp.{k}" for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")})
+
+    @classmethod
+    def from_shard(cls, model_dir: str | Path, config: ModelConfig, layer_index: int, dtype=torch.float32):
+        block = cls(config, layer_index)
+        block.load_tensors(load_shard(model_dir, layer_index, config))
+        return block.to(dtype)
+
+
+class LlamaEmbeddings(nn.Module):
+    """Token embeddings only: Llama has no learned positions (RoPE lives in attention)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    @classmethod
+    def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
+        module = cls(config)
+        _load(module, load_shard(model_dir, EMBEDDINGS, config))
+        return module.to(dtype)
+
+
+class LlamaLMHead(nn.Module):
+    """Final RMSNorm and the vocabulary projection (a copy of the embeddings when tied)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+    @classmethod
+    def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
+        module = cls(config)
+        _load(module, load_shard(model_dir, LM_HEAD, config))
+        return module.to(dtype)

@@ -1,0 +1,1 @@
+"""Neuro-Plastic Transformer equivalence training and evaluation."""

@@ -1,0 +1,1 @@
+"""The stage plan, stage runtime and token-pipelined greedy schedule."""

@@ -1,0 +1,1 @@
+"""Sparse-predictor trainer over collected activations."""
