@@ -1,0 +1,61 @@
+"""Prompt and result files (JSON lines). Read by one rank; results written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class PromptError(ValueError):
+    """The prompt file is malformed; the message names the file and line."""
+
+
+@dataclass
+class PromptRequest:
+    id: str | int
+    prompt: str
+    max_tokens: int | None = None  # None: use --max-new-tokens
+    stop: list[str] = field(default_factory=list)
+
+
+def read_prompts(path: str | Path) -> list[PromptRequest]:
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PromptError(f"{path}: no such prompt file") from None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{where}: malformed JSON: {e.msg}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise PromptError(f'{where}: each line must be a JSON object with a string "prompt"')
+        max_tokens = item.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 0):
+            raise PromptError(f'{where}: "max_tokens" must be a non-negative integer')
+        stop = item.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not all(isinstance(s, str) and s for s in stop):
+            raise PromptError(f'{where}: "stop" must be a string or a list of non-empty strings')
+        requests.append(PromptRequest(item.get("id", len(requests)), item["prompt"], max_tokens, stop))
+    if not requests:
+        raise PromptError(f"{path}: the prompt file is empty")
+    return requests
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write all rows to a temporary file, then rename: a failed run leaves no results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,190 @@
+"""Token-pipelined greedy inference; one pipeline stage per process.
+
+    torchrun --nproc_per_node 2 launch/infer.py --model-name DIR --pp-degree 2 \
+        --infer-data prompts.jsonl --output-path results.jsonl
+
+Run without torchrun it is a single-stage pipeline (``--pp-degree 1``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from engine.comm import BACKENDS, TorchDistCommunicator, default_backend, device_for
+from engine.config import ConfigError, ModelConfig
+from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
+from engine.shards import ShardError
+from modules.llama import LlamaEmbeddings, LlamaLMHead
+from modules.registry import BUILDERS, BlockSpec, build_block
+from pipeline.generation import GenerationRules, make_micro_batches, make_sequences
+from pipeline.plan import PlanError, StagePlan, make_plans
+from pipeline.schedule import FirstStageDriver, run_follower
+from pipeline.stage import Stage
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+USER_ERRORS = (PromptError, ShardError, ConfigError, PlanError, ValueError, FileNotFoundError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-type", default="llama", help=f"block type of every stage: {', '.join(BUILDERS)}")
+    p.add_argument("--stage-model-types", help="comma-separated block type per stage, e.g. llama,llama-save")
+    p.add_argument("--model-name", required=True, help="converted shard directory")
+    p.add_argument("--pp-degree", "--pipeline-group-size", type=int, default=None, help="pipeline stages (= world size)")
+    p.add_argument("--infer-data", required=True, help="prompts.jsonl")
+    p.add_argument("--output-path", required=True, help="results.jsonl, written by rank 0 in input order")
+    p.add_argument("--max-new-tokens", "--generate-seq-length", type=int, default=32)
+    p.add_argument("--micro-batch-size", "--token-micro-batch-size", type=int, default=None,
+                   help="prompts per micro-batch (default: spread the prompts over the stages, at most 32)")
+    p.add_argument("--max-inflight", type=int, default=None, help="micro-batches in the ring at once (default pp + 1)")
+    p.add_argument("--num-layers", type=int, default=None, help="layers per stage (DejaVu meaning)")
+    p.add_argument("--max-layers", type=int, default=None, help="run only the first L layers")
+    p.add_argument("--dist-backend", choices=BACKENDS, default=None, help="default: torch_nccl with CUDA, else gloo")
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
+    p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
+    p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.dtype = DTYPES[args.dtype or ("float16" if args.fp16 else "float32")]
+    return args
+
+
+def build_stage(plan: StagePlan, model_dir: Path, config: ModelConfig, dtype, device, options: dict) -> Stage:
+    """Load only this stage's shard files: its layers, plus embeddings or head at the ends."""
+    blocks = [build_block(plan.model_type, BlockSpec(model_dir, config, i, dtype, options)) for i in plan.layers]
+    embeddings = LlamaEmbeddings.from_shard(model_dir, config, dtype) if plan.is_first else None
+    head = LlamaLMHead.from_shard(model_dir, config, dtype) if plan.is_last else None
+    return Stage(plan, config, blocks, embeddings, head, dtype, device).to(device)
+
+
+def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) -> dict:
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    wait = comm.wait_seconds if comm else 0.0
+    return {
+        "rank": comm.rank if comm else 0,
+        "layers": [stage.plan.layers.start, stage.plan.layers.stop],
+        "model_type": stage.plan.model_type,
+        "peak_memory_bytes": peak,
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
+        "wait_seconds": round(wait, 4),
+        "idle_fraction": round(wait / loop_seconds, 4) if loop_seconds else 0.0,
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    pp = args.pp_degree or world_size
+    if pp != world_size:
+        raise PlanError(f"--pp-degree {pp} must equal the number of processes ({world_size}); use torchrun --nproc_per_node {pp}")
+    if args.threads or world_size > 1:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    model_dir = Path(args.model_name)
+    config = ModelConfig.from_model_dir(model_dir)
+    types = (args.stage_model_types or args.model_type).split(",")
+    plan = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers)[rank]
+    backend = args.dist_backend or default_backend()
+    device = device_for(backend)
+
+    driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
+    comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
+    stage = build_stage(plan, model_dir, config, args.dtype, device, {})
+    start = time.perf_counter()
+    if plan.is_first:
+        finish = drive(args, stage, comm, *driver_inputs, pp)
+    else:
+        run_follower(stage, comm, config.hidden_size)
+    loop_seconds = time.perf_counter() - start
+    stats = rank_stats(comm, loop_seconds, device, stage)
+    all_stats = comm.gather_objects(stats) if comm else [stats]
+    if plan.is_first:
+        finish(loop_seconds, all_stats)
+    if comm:
+        comm.close()
+
+
+def prepare_inputs(args, model_dir: Path, config: ModelConfig):
+    """Rank 0 alone reads and tokenizes the prompts; bad input fails before any model loads."""
+    from engine.tokenizer import load_tokenizer
+
+    requests = read_prompts(args.infer_data)
+    tokenizer = load_tokenizer(model_dir)
+    sequences = make_sequences(requests, tokenizer, args.max_new_tokens, config.max_position_embeddings, args.infer_data)
+    return tokenizer, sequences
+
+
+def drive(args, stage: Stage, comm, tokenizer, sequences, pp: int):
+    from tqdm import tqdm
+
+    config = stage.config
+    eos = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+    pad_id = next(iter(({tokenizer.pad_token_id} | eos) - {None}), 0)
+    size = args.micro_batch_size or min(32, -(-len(sequences) // pp))
+    batches = make_micro_batches(sequences, size, pad_id)
+    rules = GenerationRules(tokenizer, eos, args.ignore_eos)
+    driver = FirstStageDriver(stage, comm, rules, pad_id, args.max_inflight or pp + 1)
+    total = sum(s.max_new for s in sequences)
+    with tqdm(total=total, unit="tok", desc="generate", disable=args.no_progress or None) as bar:
+        driver.run(batches, bar.update)
+
+    def finish(loop_seconds: float, all_stats: list[dict]) -> None:
+        rows = [
+            {
+                "id": s.request.id,
+                "prompt": s.request.prompt,
+                "text": rules.text_of(s),
+                "token_ids": s.generated,
+                "finish_reason": s.finish_reason,
+            }
+            for s in sequences
+        ]
+        write_jsonl_atomic(args.output_path, rows)
+        if args.stats_path:
+            generated = sum(len(s.generated) for s in sequences)
+            prefill = driver.first_window_done_at or 0.0
+            stats = {
+                "pp_degree": pp,
+                "prompts": len(sequences),
+                "micro_batch_size": size,
+                "prompt_tokens": sum(len(s.prompt_ids) for s in sequences),
+                "generated_tokens": generated,
+                "prefill_seconds": round(prefill, 4),
+                "decode_seconds": round(loop_seconds - prefill, 4),
+                "total_seconds": round(loop_seconds, 4),
+                "tokens_per_second": round(generated / loop_seconds, 3) if loop_seconds else 0.0,
+                "ranks": all_stats,
+            }
+            Path(args.stats_path).write_text(json.dumps(stats, indent=2) + "\n")
+
+    return finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Model type -> block builder. Swapping a stage's block type never touches the schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from modules.llama import LlamaBlock
+
+
+@dataclass
+class BlockSpec:
+    """Everything a builder may need to make the block of one layer."""
+
+    model_dir: Path
+    config: ModelConfig
+    layer_index: int
+    dtype: torch.dtype
+    options: dict = field(default_factory=dict)  # per-type extras, e.g. the collector
+
+
+def _plain(spec: BlockSpec) -> nn.Module:
+    return LlamaBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
+
+
+BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain}
+
+
+def build_block(model_type: str, spec: BlockSpec) -> nn.Module:
+    try:
+        builder = BUILDERS[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model type {model_type!r}; known: {', '.join(sorted(BUILDERS))}") from None
+    return builder(spec)

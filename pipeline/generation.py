@@ -1,0 +1,111 @@
+"""Greedy-generation bookkeeping on the first rank: sequences, micro-batches, stop rules.
+
+Only rank 0 tokenizes and holds the text; the other ranks see hidden states alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.prompts import PromptError, PromptRequest
+
+
+@dataclass
+class Sequence:
+    index: int  # position in the input file
+    request: PromptRequest
+    prompt_ids: list[int]
+    max_new: int
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None  # set when stopped by a stop string
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class MicroBatch:
+    index: int
+    rows: list[Sequence]
+    input_ids: torch.Tensor  # (B, T) left-padded prompt ids
+    real: torch.Tensor  # (B, T) bool, False on padding
+    cache_len: int
+
+    @property
+    def active(self) -> torch.Tensor:
+        return torch.tensor([not s.finished for s in self.rows])
+
+    def next_input(self, pad_id: int) -> torch.Tensor:
+        """Each row's last token as the next decode input; finished rows get padding."""
+        return torch.tensor([[s.generated[-1] if not s.finished else pad_id] for s in self.rows])
+
+
+class GenerationRules:
+    """When a sequence stops: EOS, its stop strings, its token budget or the context."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], ignore_eos: bool):
+        self.tokenizer, self.eos_ids, self.ignore_eos = tokenizer, eos_ids, ignore_eos
+
+    def accept(self, seq: Sequence, token: int) -> None:
+        if seq.finished:
+            return
+        seq.generated.append(token)
+        if token in self.eos_ids and not self.ignore_eos:
+            seq.finish_reason = "stop"
+        elif seq.request.stop and self._cut_at_stop(seq):
+            seq.finish_reason = "stop"
+        elif len(seq.generated) >= seq.max_new:
+            seq.finish_reason = "length"
+
+    def _cut_at_stop(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        hits = [text.find(s) for s in seq.request.stop if s in text]
+        if hits:
+            seq.text = text[: min(hits)]
+        return bool(hits)
+
+    def text_of(self, seq: Sequence) -> str:
+        if seq.text is not None:
+            return seq.text
+        return self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+
+
+def make_sequences(
+    requests: list[PromptRequest], tokenizer, default_max_new: int, context_len: int, source: str
+) -> list[Sequence]:
+    """Tokenize every prompt; a prompt that does not fit the context is an error naming it."""
+    sequences = []
+    for i, request in enumerate(requests):
+        ids = tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise PromptError(f"{source}: prompt {request.id!r} is empty after tokenization")
+        if len(ids) > context_len:
+            raise PromptError(
+                f"{source}: prompt {request.id!r} has {len(ids)} tokens, longer than the model's context of {context_len}"
+            )
+        wanted = default_max_new if request.max_tokens is None else request.max_tokens
+        seq = Sequence(i, request, ids, min(wanted, context_len - len(ids)))
+        if seq.max_new == 0:
+            seq.finish_reason = "length"
+        sequences.append(seq)
+    return sequences
+
+
+def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int) -> list[MicroBatch]:
+    """Group prompts of similar length (less padding), then left-pad each group."""
+    ordered = sorted(sequences, key=lambda s: len(s.prompt_ids))
+    batches = []
+    for start in range(0, len(ordered), size):
+        rows = ordered[start : start + size]
+        width = max(len(s.prompt_ids) for s in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        real = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, s in enumerate(rows):
+            ids[r, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            real[r, width - len(s.prompt_ids) :] = True
+        cache_len = width + max(s.max_new for s in rows)
+        batches.append(MicroBatch(len(batches), rows, ids, real, cache_len))
+    return batches

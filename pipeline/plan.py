@@ -1,0 +1,60 @@
+"""The stage plan: which layers each pipeline rank owns and which block type it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PlanError(ValueError):
+    """The requested split cannot be made (too few layers, wrong world size, ...)."""
+
+
+def split_layers(
+    num_layers: int, world_size: int, layers_per_stage: int | None = None, max_layers: int | None = None
+) -> list[range]:
+    """Layer ranges per rank. As in DejaVu, ``layers_per_stage`` fixes each stage's count
+    and ``max_layers`` caps the total (only the first layers run); otherwise the layers
+    are split as evenly as possible, the earlier ranks taking one more when uneven."""
+    total = num_layers if max_layers is None else min(max_layers, num_layers)
+    if layers_per_stage is not None:
+        total = min(total, layers_per_stage * world_size)
+        counts = [max(0, min(layers_per_stage, total - r * layers_per_stage)) for r in range(world_size)]
+    else:
+        base, extra = divmod(total, world_size)
+        counts = [base + (r < extra) for r in range(world_size)]
+    if total < 1 or min(counts) < 1:
+        raise PlanError(f"cannot give each of {world_size} pipeline stages at least one of {total} layers")
+    starts = [sum(counts[:r]) for r in range(world_size)]
+    return [range(s, s + c) for s, c in zip(starts, counts)]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    rank: int
+    world_size: int
+    layers: range
+    model_type: str
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+
+def make_plans(
+    num_layers: int,
+    world_size: int,
+    model_types: list[str],
+    layers_per_stage: int | None = None,
+    max_layers: int | None = None,
+) -> list[StagePlan]:
+    """One plan per rank; ``model_types`` holds one type for all stages or one per stage."""
+    if len(model_types) == 1:
+        model_types = model_types * world_size
+    if len(model_types) != world_size:
+        raise PlanError(f"--stage-model-types lists {len(model_types)} types for {world_size} stages")
+    ranges = split_layers(num_layers, world_size, layers_per_stage, max_layers)
+    return [StagePlan(r, world_size, ranges[r], model_types[r]) for r in range(world_size)]
