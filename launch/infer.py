@@ -40,12 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-type", default="llama", help=f"block type of every stage: {', '.join(BUILDERS)}")
     p.add_argument("--stage-model-types", help="comma-separated block type per stage, e.g. llama,llama-save")
     p.add_argument("--model-name", required=True, help="converted shard directory")
-    p.add_argument("--pp-degree", "--pipeline-group-size", type=int, default=None, help="pipeline stages (= world size)")
+    p.add_argument(
+        "--pp-degree", "--pipeline-group-size", type=int, default=None, help="pipeline stages (= world size)"
+    )
     p.add_argument("--infer-data", required=True, help="prompts.jsonl")
     p.add_argument("--output-path", required=True, help="results.jsonl, written by rank 0 in input order")
     p.add_argument("--max-new-tokens", "--generate-seq-length", type=int, default=32)
-    p.add_argument("--micro-batch-size", "--token-micro-batch-size", type=int, default=None,
-                   help="prompts per micro-batch (default: spread the prompts over the stages, at most 32)")
+    p.add_argument(
+        "--micro-batch-size",
+        "--token-micro-batch-size",
+        type=int,
+        default=None,
+        help="prompts per micro-batch (default: spread the prompts over the stages, at most 32)",
+    )
     p.add_argument("--max-inflight", type=int, default=None, help="micro-batches in the ring at once (default pp + 1)")
     p.add_argument("--num-layers", type=int, default=None, help="layers per stage (DejaVu meaning)")
     p.add_argument("--max-layers", type=int, default=None, help="run only the first L layers")
@@ -92,9 +99,13 @@ def run(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", 0))
     pp = args.pp_degree or world_size
     if pp != world_size:
-        raise PlanError(f"--pp-degree {pp} must equal the number of processes ({world_size}); use torchrun --nproc_per_node {pp}")
+        raise PlanError(
+            f"--pp-degree {pp} must equal the number of processes ({world_size}); use torchrun --nproc_per_node {pp}"
+        )
     if args.threads or world_size > 1:
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+        torch.set_num_threads(
+            args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        )
     model_dir = Path(args.model_name)
     config = ModelConfig.from_model_dir(model_dir)
     types = (args.stage_model_types or args.model_type).split(",")
@@ -125,7 +136,9 @@ def prepare_inputs(args, model_dir: Path, config: ModelConfig):
 
     requests = read_prompts(args.infer_data)
     tokenizer = load_tokenizer(model_dir)
-    sequences = make_sequences(requests, tokenizer, args.max_new_tokens, config.max_position_embeddings, args.infer_data)
+    sequences = make_sequences(
+        requests, tokenizer, args.max_new_tokens, config.max_position_embeddings, args.infer_data
+    )
     return tokenizer, sequences
 
 

@@ -84,7 +84,8 @@ def make_sequences(
             raise PromptError(f"{source}: prompt {request.id!r} is empty after tokenization")
         if len(ids) > context_len:
             raise PromptError(
-                f"{source}: prompt {request.id!r} has {len(ids)} tokens, longer than the model's context of {context_len}"
+                f"{source}: prompt {request.id!r} has {len(ids)} tokens, "
+                f"longer than the model's context of {context_len}"
             )
         wanted = default_max_new if request.max_tokens is None else request.max_tokens
         seq = Sequence(i, request, ids, min(wanted, context_len - len(ids)))

@@ -1,0 +1,60 @@
+"""Running launch/infer.py (in-process for one stage, torchrun for several) and HF references."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+INFER = ROOT / "launch" / "infer.py"
+
+
+def write_prompts(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run launch/infer.py under torchrun (gloo, one thread per rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(INFER)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def run_infer(model_dir: Path, prompts: Path, out: Path, nproc: int = 1, extra: list[str] = ()) -> list[dict]:
+    args = [
+        "--model-name",
+        str(model_dir),
+        "--infer-data",
+        str(prompts),
+        "--output-path",
+        str(out),
+        "--pp-degree",
+        str(nproc),
+        "--no-progress",
+        *extra,
+    ]
+    if nproc == 1:
+        from launch.infer import main
+
+        assert main(args) == 0
+    else:
+        result = torchrun(nproc, args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=None) -> list[int]:
+    """HF ``generate(do_sample=False)`` on one unpadded prompt: the reference tokens."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        )
+    return out[0, ids["input_ids"].shape[1] :].tolist()

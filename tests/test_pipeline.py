@@ -1,0 +1,265 @@
+"""Pipelined greedy generation equals HF generate, for several stage counts and micro-batch sizes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from pipeline_helpers import hf_greedy, run_infer, torchrun, write_prompts
+
+from pipeline.plan import PlanError, make_plans, split_layers
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a young girl who loved to read books about dragons and",
+    "def fibonacci(n):",
+    "Hello",
+    "Water boils at a temperature of",
+]
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def smollm_reference(smollm_hf_model, smollm_shard_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_shard_dir)
+    return [hf_greedy(smollm_hf_model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_tokenizer(tiny_hf_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    return [hf_greedy(model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def prompts_file(tmp_path, **extra):
+    return write_prompts(
+        tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": p, **extra} for i, p in enumerate(PROMPTS)]
+    )
+
+
+@pytest.mark.parametrize("nproc,micro_batch", [(1, len(PROMPTS)), (2, 1), (3, 2)])
+def test_smollm_tokens_equal_hf_generate(smollm_shard_dir, smollm_reference, tmp_path, nproc, micro_batch):
+    rows = run_infer(
+        smollm_shard_dir,
+        prompts_file(tmp_path),
+        tmp_path / "out.jsonl",
+        nproc,
+        ["--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(micro_batch)],
+    )
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(PROMPTS))]
+    assert [r["token_ids"] for r in rows] == smollm_reference
+    assert [r["prompt"] for r in rows] == PROMPTS
+
+
+@pytest.mark.parametrize("nproc,micro_batch", [(1, 1), (2, 2), (3, len(PROMPTS))])
+def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, tmp_path, nproc, micro_batch):
+    # 4 layers on 3 stages is an uneven split (2, 1, 1).
+    rows = run_infer(
+        tiny_shard_dir,
+        prompts_file(tmp_path),
+        tmp_path / "out.jsonl",
+        nproc,
+        ["--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(micro_batch)],
+    )
+    assert [r["token_ids"] for r in rows] == tiny_reference
+
+
+def test_eos_and_max_tokens(tiny_shard_dir, tiny_model_and_tokenizer, tiny_reference, tmp_path):
+    """Make a token the model really emits mid-sequence the EOS; HF stops there too."""
+    model, tokenizer = tiny_model_and_tokenizer
+    eos = tiny_reference[1][3]
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_shard_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (model_dir / "config.json").write_text(json.dumps(config))
+    items = [{"prompt": p} for p in PROMPTS] + [
+        {"prompt": PROMPTS[0], "max_tokens": 3},
+        {"prompt": PROMPTS[0], "max_tokens": 0},
+    ]
+    rows = run_infer(
+        model_dir,
+        write_prompts(tmp_path / "p.jsonl", items),
+        tmp_path / "out.jsonl",
+        2,
+        ["--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", "3"],
+    )
+    for row, prompt in zip(rows, PROMPTS):
+        expected = hf_greedy(model, tokenizer, prompt, NEW_TOKENS, eos_token_id=[eos, tokenizer.eos_token_id])
+        assert row["token_ids"] == expected
+        assert row["finish_reason"] == ("stop" if expected[-1] in (eos, tokenizer.eos_token_id) else "length")
+    assert rows[1]["token_ids"][-1] == eos and rows[1]["finish_reason"] == "stop"
+    assert rows[-2]["token_ids"] == tiny_reference[0][:3] and rows[-2]["finish_reason"] == "length"
+    assert rows[-1]["token_ids"] == [] and rows[-1]["text"] == ""
+
+
+def test_stop_strings_and_ignore_eos(smollm_shard_dir, smollm_reference, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_shard_dir)
+    full = tokenizer.decode(smollm_reference[2], skip_special_tokens=True)
+    stop = full.strip().split()[1]
+    items = [{"prompt": PROMPTS[2], "stop": [stop]}]
+    rows = run_infer(
+        smollm_shard_dir,
+        write_prompts(tmp_path / "p.jsonl", items),
+        tmp_path / "o.jsonl",
+        1,
+        ["--max-new-tokens", str(NEW_TOKENS), "--ignore-eos"],
+    )
+    assert rows[0]["finish_reason"] == "stop"
+    assert rows[0]["text"] == full[: full.find(stop)]
+
+
+def test_max_layers_runs_only_the_first_layers(tiny_hf_dir, tiny_shard_dir, tmp_path):
+    """With --max-layers 2 the tokens equal an HF model truncated to its first two layers."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval()
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    rows = run_infer(
+        tiny_shard_dir,
+        prompts_file(tmp_path),
+        tmp_path / "out.jsonl",
+        2,
+        ["--max-new-tokens", "6", "--max-layers", "2"],
+    )
+    with torch.no_grad():
+        assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 6) for p in PROMPTS]
+
+
+def test_stats_file(tiny_shard_dir, tmp_path):
+    run_infer(
+        tiny_shard_dir,
+        prompts_file(tmp_path),
+        tmp_path / "out.jsonl",
+        2,
+        ["--max-new-tokens", "4", "--stats-path", str(tmp_path / "stats.json"), "--ignore-eos"],
+    )
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["generated_tokens"] == 4 * len(PROMPTS)
+    assert {"prefill_seconds", "decode_seconds", "tokens_per_second"} <= stats.keys()
+    assert [r["rank"] for r in stats["ranks"]] == [0, 1]
+    assert all(r["peak_memory_bytes"] > 0 and 0 <= r["idle_fraction"] <= 1 for r in stats["ranks"])
+
+
+@pytest.mark.parametrize(
+    "layers,world,per_stage,max_layers,expected",
+    [
+        (30, 4, None, None, [(0, 8), (8, 16), (16, 23), (23, 30)]),
+        (16, 2, None, None, [(0, 8), (8, 16)]),
+        (28, 3, 4, None, [(0, 4), (4, 8), (8, 12)]),
+        (30, 2, None, 5, [(0, 3), (3, 5)]),
+    ],
+)
+def test_split_layers(layers, world, per_stage, max_layers, expected):
+    assert [(r.start, r.stop) for r in split_layers(layers, world, per_stage, max_layers)] == expected
+
+
+def test_plan_errors():
+    with pytest.raises(PlanError, match="at least one"):
+        split_layers(2, 3)
+    with pytest.raises(PlanError, match="2 types for 3 stages"):
+        make_plans(6, 3, ["llama", "llama"])
+
+
+# ---- bad input: a clear error, a non-zero exit, no results file -----------------------------
+
+
+def run_failing(capsys, tmp_path, model_dir, prompts_text: str, extra=()):
+    from launch.infer import main
+
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(prompts_text)
+    out = tmp_path / "out.jsonl"
+    code = main(
+        [
+            "--model-name",
+            str(model_dir),
+            "--infer-data",
+            str(prompts),
+            "--output-path",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+    assert code != 0
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
+def test_malformed_json_line_names_the_line(tiny_shard_dir, tmp_path, capsys):
+    err = run_failing(capsys, tmp_path, tiny_shard_dir, '{"prompt": "ok"}\n{"prompt": "broken"\n')
+    assert "bad.jsonl:2" in err and "malformed JSON" in err
+
+
+def test_line_without_prompt(tiny_shard_dir, tmp_path, capsys):
+    err = run_failing(capsys, tmp_path, tiny_shard_dir, '{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    assert "bad.jsonl:2" in err and '"prompt"' in err
+
+
+def test_empty_prompt_file(tiny_shard_dir, tmp_path, capsys):
+    assert "empty" in run_failing(capsys, tmp_path, tiny_shard_dir, "")
+
+
+def test_prompt_longer_than_context(tiny_shard_dir, tmp_path, capsys):
+    err = run_failing(capsys, tmp_path, tiny_shard_dir, json.dumps({"id": "long", "prompt": "dragon " * 400}) + "\n")
+    assert "'long'" in err and "context" in err
+
+
+def test_pp_degree_must_equal_world_size(tiny_shard_dir, tmp_path, capsys):
+    err = run_failing(capsys, tmp_path, tiny_shard_dir, '{"prompt": "hi"}\n', ["--pp-degree", "2"])
+    assert "--pp-degree 2" in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bad_shard_names_the_file(tiny_shard_dir, tmp_path, capsys, damage):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_shard_dir, model_dir)
+    shard = model_dir / "pytorch_1.pt"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    err = run_failing(capsys, tmp_path, model_dir, '{"prompt": "hi"}\n')
+    assert "pytorch_1.pt" in err
+
+
+def test_dead_rank_does_not_hang_the_others(tiny_shard_dir, tmp_path):
+    """Rank 1's shard is missing: rank 1 fails, and rank 0 (waiting for it) must exit too."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_shard_dir, model_dir)
+    (model_dir / "pytorch_3.pt").unlink()
+    out = tmp_path / "out.jsonl"
+    result = torchrun(
+        2,
+        [
+            "--model-name",
+            str(model_dir),
+            "--infer-data",
+            str(prompts_file(tmp_path)),
+            "--output-path",
+            str(out),
+            "--dist-timeout",
+            "30",
+            "--no-progress",
+        ],
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "pytorch_3.pt" in result.stderr
+    assert not out.exists()
