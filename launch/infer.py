@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch
 
+from engine.collector import ActivationCollector, CollectError, check_collect_dir
 from engine.comm import BACKENDS, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
@@ -32,7 +33,8 @@ from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.stage import Stage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-USER_ERRORS = (PromptError, ShardError, ConfigError, PlanError, ValueError, FileNotFoundError)
+USER_ERRORS = (PromptError, ShardError, ConfigError, PlanError, CollectError, ValueError, FileNotFoundError)
+SAVE_TYPE = "llama-save"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--collect-dir", help="where llama-save stages write their activation files")
+    p.add_argument("--collect-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--collect-capacity", type=int, default=400_000, help="rows per layer file (DejaVu: 400000)")
+    p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
+    p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -109,18 +116,42 @@ def run(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_name)
     config = ModelConfig.from_model_dir(model_dir)
     types = (args.stage_model_types or args.model_type).split(",")
-    plan = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers)[rank]
+    plans = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers)
+    plan = plans[rank]
+    save_layers = [layer for p in plans if p.model_type == SAVE_TYPE for layer in p.layers]
+    if save_layers:
+        if not args.collect_dir:
+            raise ValueError(f"{SAVE_TYPE} stages need --collect-dir")
+        check_collect_dir(Path(args.collect_dir), args.collect_resume)  # every rank, before any writes
     backend = args.dist_backend or default_backend()
     device = device_for(backend)
 
     driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
-    stage = build_stage(plan, model_dir, config, args.dtype, device, {})
+    collector = None
+    if plan.model_type == SAVE_TYPE:
+        collector = ActivationCollector(
+            args.collect_dir,
+            list(plan.layers),
+            save_layers,
+            config,
+            model_dir,
+            str(args.infer_data),
+            args.collect_dtype,
+            args.collect_capacity,
+            args.collect_resume,
+            args.collect_flush_seconds,
+        )
+    stage = build_stage(plan, model_dir, config, args.dtype, device, {"collector": collector})
     start = time.perf_counter()
-    if plan.is_first:
-        finish = drive(args, stage, comm, *driver_inputs, pp)
-    else:
-        run_follower(stage, comm, config.hidden_size)
+    try:
+        if plan.is_first:
+            finish = drive(args, stage, comm, *driver_inputs, pp)
+        else:
+            run_follower(stage, comm, config.hidden_size)
+    finally:
+        if collector is not None:
+            collector.close()
     loop_seconds = time.perf_counter() - start
     stats = rank_stats(comm, loop_seconds, device, stage)
     all_stats = comm.gather_objects(stats) if comm else [stats]

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock
+from modules.llama_save import LlamaSaveBlock
 
 
 @dataclass
@@ -28,7 +29,13 @@ def _plain(spec: BlockSpec) -> nn.Module:
     return LlamaBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
 
 
-BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain}
+def _save(spec: BlockSpec) -> nn.Module:
+    block = LlamaSaveBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
+    block.recorder = spec.options["collector"]
+    return block
+
+
+BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain, "llama-save": _save}
 
 
 def build_block(model_type: str, spec: BlockSpec) -> nn.Module:

@@ -1,0 +1,190 @@
+"""Writes collected activations into DejaVu's raw row-major ``np.memmap`` files.
+
+Files are created sparse (no zero-filling). ``manifest.json`` holds the rows written per
+layer and is replaced atomically after each flush, under a file lock shared by the
+ranks, so a run killed at any moment leaves a dataset whose manifest rows are valid."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig
+from engine.shards import write_json_atomic
+
+FORMAT_VERSION = 1
+ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
+MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"
+
+
+class CollectError(RuntimeError):
+    """The collect directory cannot be used as asked (would overwrite, or resume mismatches)."""
+
+
+def array_widths(config: ModelConfig) -> dict[str, int]:
+    return {
+        "att_x": config.hidden_size,
+        "att_label": config.num_heads,
+        "mlp_x": config.hidden_size,
+        "mlp_label": config.intermediate_size,
+    }
+
+
+def array_path(collect_dir: Path, name: str, layer: int) -> Path:
+    return collect_dir / f"{name}_{layer}.mmap"
+
+
+def model_fingerprint(model_dir: Path) -> dict:
+    """What identifies a model for resume: its config, by content."""
+    text = (model_dir / "config.json").read_bytes()
+    return {"path": str(model_dir.resolve()), "config_sha256": hashlib.sha256(text).hexdigest()}
+
+
+def check_collect_dir(collect_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing dataset unless resuming. Run before any rank writes."""
+    if resume:
+        if not (collect_dir / MANIFEST).is_file():
+            raise CollectError(f"{collect_dir}: --collect-resume given but there is no {MANIFEST} to resume")
+    elif collect_dir.exists() and any(collect_dir.iterdir()):
+        raise CollectError(
+            f"{collect_dir}: collect directory is not empty; pass --collect-resume to append, or choose another"
+        )
+
+
+@contextmanager
+def _locked(collect_dir: Path):
+    with open(collect_dir / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class ActivationCollector:
+    """One rank's writer for the layers it owns; all ranks share one manifest."""
+
+    def __init__(
+        self,
+        collect_dir: str | Path,
+        layers: list[int],
+        all_layers: list[int],
+        config: ModelConfig,
+        model_dir: Path,
+        input_path: str,
+        dtype: str = "float16",
+        capacity: int = 400_000,
+        resume: bool = False,
+        flush_seconds: float = 30.0,
+    ):
+        self.dir = Path(collect_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.layers, self.dtype, self.capacity = list(layers), np.dtype(dtype), capacity
+        self.torch_dtype = getattr(torch, self.dtype.name)
+        self.widths = array_widths(config)
+        self.flush_seconds, self._last_flush = flush_seconds, time.monotonic()
+        header = {
+            "format": FORMAT_VERSION,
+            "dtype": self.dtype.name,
+            "capacity": capacity,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_heads": config.num_heads,
+            "num_layers": config.num_layers,
+            "layers": sorted(all_layers),
+            "model": model_fingerprint(model_dir),
+        }
+        start = self._open_manifest(header, input_path, resume)
+        self.rows = {layer: start for layer in self.layers}
+        self.full = False
+        self._warn_disk_space()
+        self.files = {(name, layer): self._open_array(name, layer) for layer in self.layers for name in ARRAYS}
+
+    def _open_manifest(self, header: dict, input_path: str, resume: bool) -> int:
+        """Create the manifest, or check a resumed one; return the first row to write."""
+        with _locked(self.dir):
+            path = self.dir / MANIFEST
+            if not path.exists():
+                write_json_atomic(path, {**header, "rows": {}, "full": False, "inputs": [input_path]})
+                return 0
+            manifest = json.loads(path.read_text())
+            for key, value in header.items():
+                if key != "model" and manifest.get(key) != value:
+                    raise CollectError(f"{path}: cannot resume: {key} is {manifest.get(key)!r}, this run has {value!r}")
+            if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
+                raise CollectError(
+                    f"{path}: cannot resume: collected from {manifest['model']['path']}, a different model"
+                )
+            # Keep row k the same token in every layer: restart every layer at the shortest,
+            # and say so at once, before rows past it are overwritten.
+            start = min((manifest["rows"].get(str(layer), 0) for layer in header["layers"]), default=0)
+            manifest["rows"] = {str(layer): start for layer in header["layers"]}
+            manifest["inputs"] += [input_path] if input_path not in manifest["inputs"] else []
+            write_json_atomic(path, manifest)
+            return start
+
+    def _open_array(self, name: str, layer: int) -> np.memmap:
+        path = array_path(self.dir, name, layer)
+        size = self.capacity * self.widths[name] * self.dtype.itemsize
+        with open(path, "ab") as f:  # create if missing; truncate() extends sparsely
+            if f.tell() != size:
+                f.truncate(size)
+        return np.memmap(path, dtype=self.dtype, mode="r+", shape=(self.capacity, self.widths[name]))
+
+    def _warn_disk_space(self) -> None:
+        per_row = sum(self.widths.values()) * self.dtype.itemsize * len(self.layers)
+        need = per_row * max(0, self.capacity - min(self.rows.values(), default=0))
+        free = shutil.disk_usage(self.dir).free
+        if need > free:
+            warnings.warn(
+                f"{self.dir}: collection may write up to {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free",
+                stacklevel=2,
+            )
+
+    def record(self, layer: int, real: torch.Tensor, **arrays: torch.Tensor) -> None:
+        """Append the rows of real tokens (``real`` (B, T) bool) of one layer's arrays."""
+        start = self.rows[layer]
+        count = min(int(real.sum()), self.capacity - start)
+        if count <= 0:
+            if int(real.sum()):
+                self._mark_full()
+            return
+        for name, tensor in arrays.items():
+            rows = tensor[real][:count]
+            self.files[(name, layer)][start : start + count] = rows.to(self.torch_dtype).cpu().numpy()
+        self.rows[layer] = start + count
+        if self.rows[layer] == self.capacity:
+            self._mark_full()
+        if layer == self.layers[-1] and time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def _mark_full(self) -> None:
+        if not self.full:
+            self.full = True
+            print(f"collect: {self.dir} is full ({self.capacity} rows per layer); recording stopped", flush=True)
+
+    def flush(self) -> None:
+        """Make the written rows durable, then publish their count in the manifest."""
+        for mm in self.files.values():
+            mm.flush()
+        with _locked(self.dir):
+            path = self.dir / MANIFEST
+            manifest = json.loads(path.read_text())
+            manifest["rows"].update({str(layer): n for layer, n in self.rows.items()})
+            manifest["full"] = manifest["full"] or self.full
+            write_json_atomic(path, manifest)
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self.files.clear()

@@ -1,0 +1,255 @@
+"""Save mode: collected rows equal HF LlamaForCausalLM's own activations, token for token."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from pipeline_helpers import INFER, ROOT, run_infer, write_prompts
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pipeline parallel inference splits a model into stages",
+    "Sparse predictors guess",
+    "Hello",
+]
+NAMES = ("att_x", "att_label", "mlp_x", "mlp_label")
+
+
+def read_dataset(collect_dir):
+    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    widths = {
+        "att_x": manifest["hidden_size"],
+        "mlp_x": manifest["hidden_size"],
+        "att_label": manifest["num_heads"],
+        "mlp_label": manifest["intermediate_size"],
+    }
+    data = {}
+    for layer in manifest["layers"]:
+        rows = manifest["rows"][str(layer)]
+        for name in NAMES:
+            mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
+            data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
+    return manifest, data
+
+
+def hf_activations(model, token_ids: list[int]) -> dict:
+    """The four arrays of every layer, from forward pre-hooks on HF's own modules."""
+    got, hooks = {}, []
+    heads = model.config.num_attention_heads
+
+    def capture(name, i, transform=lambda t: t):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            got[name, i] = transform(x[0])
+
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        targets = {
+            "att_x": layer,
+            "mlp_x": layer.post_attention_layernorm,
+            "mlp_label": layer.mlp.down_proj,
+        }
+        for name, module in targets.items():
+            hooks.append(module.register_forward_pre_hook(capture(name, i), with_kwargs=True))
+        per_head_norm = capture("att_label", i, lambda t: t.unflatten(-1, (heads, -1)).norm(dim=-1))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(per_head_norm, with_kwargs=True))
+    with torch.no_grad():
+        model(torch.tensor([token_ids]))
+    for h in hooks:
+        h.remove()
+    return {k: v.float().numpy() for k, v in got.items()}
+
+
+def expected_rows(model, results, tokenizer, layers):
+    """Every prompt token and every generated token fed back (not the last one)."""
+    per_token = {(name, layer): [] for name in NAMES for layer in layers}
+    for row in results:
+        fed = tokenizer(row["prompt"])["input_ids"] + row["token_ids"][:-1]
+        acts = hf_activations(model, fed)
+        for key in per_token:
+            per_token[key].append(acts[key])
+    return {key: np.concatenate(v) for key, v in per_token.items()}
+
+
+def assert_rows_match(data, expected, layers):
+    """Rows may come in any order, but row k must be the same token in every file and layer."""
+    probe = ("mlp_x", layers[-1])
+    dist = torch.cdist(torch.from_numpy(data[probe]), torch.from_numpy(expected[probe]))
+    order = dist.argmin(dim=1).numpy()
+    assert sorted(order.tolist()) == list(range(len(expected[probe]))), "collected rows are not a permutation"
+    for key, want in expected.items():
+        want = want[order]
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(data[key], want, rtol=2e-3, atol=2e-3 * scale, err_msg=str(key))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_hf_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
+
+
+def collect(model_dir, tmp_path, nproc, extra=(), prompts=None, name="collect"):
+    items = prompts or [{"prompt": p} for p in PROMPTS]
+    results = run_infer(
+        model_dir,
+        write_prompts(tmp_path / f"{name}.jsonl", items),
+        tmp_path / f"{name}_out.jsonl",
+        nproc,
+        [
+            "--model-type",
+            "llama-save",
+            "--collect-dir",
+            str(tmp_path / name),
+            "--collect-capacity",
+            "500",
+            "--max-new-tokens",
+            "5",
+            "--micro-batch-size",
+            "3",
+            *extra,
+        ],
+    )
+    return results, tmp_path / name
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_rows_equal_hf_activations(tiny_shard_dir, tiny_model, tmp_path, nproc):
+    model, tokenizer = tiny_model
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, nproc)
+    manifest, data = read_dataset(collect_dir)
+    layers = list(range(model.config.num_hidden_layers))
+    assert manifest["layers"] == layers and manifest["dtype"] == "float16"
+    real_tokens = sum(len(tokenizer(r["prompt"])["input_ids"]) + len(r["token_ids"]) - 1 for r in results)
+    assert set(manifest["rows"].values()) == {real_tokens}
+    assert_rows_match(data, expected_rows(model, results, tokenizer, layers), layers)
+
+
+def test_smollm_rows_equal_hf_activations(smollm_shard_dir, smollm_hf_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_shard_dir)
+    results, collect_dir = collect(smollm_shard_dir, tmp_path, 2, ["--stage-model-types", "llama,llama-save"])
+    manifest, data = read_dataset(collect_dir)
+    assert manifest["layers"] == list(range(15, 30))
+    assert_rows_match(data, expected_rows(smollm_hf_model, results, tokenizer, manifest["layers"]), manifest["layers"])
+
+
+def test_mixed_stage_types_record_only_save_stages(tiny_shard_dir, tmp_path):
+    _, collect_dir = collect(tiny_shard_dir, tmp_path, 2, ["--stage-model-types", "llama-save,llama"])
+    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    assert manifest["layers"] == [0, 1] and sorted(manifest["rows"]) == ["0", "1"]
+    assert sorted(p.name for p in collect_dir.glob("*.mmap")) == sorted(
+        f"{n}_{layer}.mmap" for n in NAMES for layer in (0, 1)
+    )
+
+
+def test_prompt_only_mode(tiny_shard_dir, tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, 1, ["--max-new-tokens", "0"])
+    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    assert all(r["token_ids"] == [] for r in results)
+    assert manifest["rows"]["0"] == sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+
+
+def test_capacity_limit_stops_recording_not_generation(tiny_shard_dir, tmp_path):
+    full_results, _ = collect(tiny_shard_dir, tmp_path, 1, name="free")
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, 1, ["--collect-capacity", "7"], name="capped")
+    manifest, data = read_dataset(collect_dir)
+    assert manifest["full"] is True and set(manifest["rows"].values()) == {7}
+    assert [r["token_ids"] for r in results] == [r["token_ids"] for r in full_results]
+
+
+def test_refuses_to_overwrite_and_resume_appends(tiny_shard_dir, tmp_path):
+    _, collect_dir = collect(tiny_shard_dir, tmp_path, 1)
+    first_manifest, first = read_dataset(collect_dir)
+    rows = first_manifest["rows"]["0"]
+    from launch.infer import main
+
+    args = [
+        "--model-name",
+        str(tiny_shard_dir),
+        "--infer-data",
+        str(tmp_path / "collect.jsonl"),
+        "--output-path",
+        str(tmp_path / "again.jsonl"),
+        "--model-type",
+        "llama-save",
+        "--collect-dir",
+        str(collect_dir),
+        "--collect-capacity",
+        "500",
+        "--max-new-tokens",
+        "5",
+        "--micro-batch-size",
+        "3",
+        "--no-progress",
+    ]
+    assert main(args) != 0  # not empty, no --collect-resume
+    assert read_dataset(collect_dir)[0]["rows"] == first_manifest["rows"]
+    assert main([*args, "--collect-resume", "--collect-dtype", "float32"]) != 0  # different dtype
+    assert main([*args, "--collect-resume"]) == 0
+    manifest, both = read_dataset(collect_dir)
+    assert set(manifest["rows"].values()) == {2 * rows}
+    for key, value in first.items():  # the same prompts again: the appended half repeats the first
+        np.testing.assert_array_equal(both[key][:rows], value)
+        np.testing.assert_array_equal(both[key][rows:], value)
+
+
+def test_killed_run_leaves_a_readable_dataset(tiny_shard_dir, tmp_path):
+    """SIGKILL mid-run (flushing every step): the manifest's rows are all valid rows."""
+    many = [{"prompt": p} for p in PROMPTS * 3]
+    settings = ["--ignore-eos", "--max-new-tokens", "200", "--collect-capacity", "5000"]
+    _, reference_dir = collect(tiny_shard_dir, tmp_path, 1, settings, prompts=many, name="ref")
+    _, ref = read_dataset(reference_dir)
+    prompts = write_prompts(tmp_path / "many.jsonl", many)
+    collect_dir = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        str(INFER),
+        "--model-name",
+        str(tiny_shard_dir),
+        "--infer-data",
+        str(prompts),
+        "--output-path",
+        str(tmp_path / "k.jsonl"),
+        "--model-type",
+        "llama-save",
+        "--collect-dir",
+        str(collect_dir),
+        "--collect-capacity",
+        "5000",
+        "--max-new-tokens",
+        "200",
+        "--micro-batch-size",
+        "3",
+        "--ignore-eos",
+        "--collect-flush-seconds",
+        "0",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    manifest_path = collect_dir / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest_path.exists() and json.loads(manifest_path.read_text())["rows"].get("0", 0) > 40:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    manifest, data = read_dataset(collect_dir)
+    rows = min(manifest["rows"].values())
+    assert rows > 40
+    assert not (tmp_path / "k.jsonl").exists()
+    for key, value in data.items():  # the same schedule: the valid rows equal a complete run's first rows
+        np.testing.assert_array_equal(value[:rows], ref[key][:rows])
