@@ -1,0 +1,157 @@
+"""The collect directory written by save mode, read through its manifest.
+
+Save mode preallocates ``capacity`` rows per file; only the first ``rows[l]`` rows of
+layer ``l`` hold tokens. Every array handed out here is mapped with exactly that many
+rows, so the unfilled tail (zeros in DejaVu's runs: its "all zero y") can never reach a
+predictor, and nothing is loaded into memory until a batch asks for it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+#: File stem -> the manifest field giving its row width.
+WIDTH_FIELDS = {
+    "mlp_x": "hidden_size",
+    "mlp_label": "intermediate_size",
+    "att_x": "hidden_size",
+    "att_label": "num_heads",
+}
+
+#: How each manifest dtype is laid out on disk; numpy has no bfloat16, so its raw bits
+#: are mapped as uint16 and reinterpreted by torch.
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+
+#: Validation holds out whole blocks of consecutive rows (at most this many per block):
+#: neighbouring tokens of one prompt are near copies, so a row-level split would
+#: validate on the training rows' twins.
+MAX_SPLIT_BLOCK = 512
+MIN_SPLIT_BLOCKS = 100
+
+
+class CollectError(ValueError):
+    """The collect directory is missing a file, a layer, or rows the trainer needs."""
+
+
+@dataclass(frozen=True)
+class Collection:
+    directory: Path
+    dtype: str
+    capacity: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    rows: dict[int, int]
+    full: bool
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Collection:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        try:
+            m = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CollectError(f"{path}: no manifest (is {directory} a save-mode collect directory?)") from None
+        except json.JSONDecodeError as e:
+            raise CollectError(f"{path}: invalid JSON: {e}") from None
+        if m.get("format") != FORMAT:
+            raise CollectError(f"{path}: format {m.get('format')!r}, this trainer reads format {FORMAT}")
+        if m.get("dtype") not in STORAGE_DTYPES:
+            raise CollectError(f"{path}: dtype {m.get('dtype')!r} is not one of {sorted(STORAGE_DTYPES)}")
+        try:
+            rows = {int(layer): int(m["rows"].get(str(layer), 0)) for layer in m["layers"]}
+            return cls(
+                directory=directory,
+                dtype=m["dtype"],
+                capacity=int(m["capacity"]),
+                hidden_size=int(m["hidden_size"]),
+                intermediate_size=int(m["intermediate_size"]),
+                num_heads=int(m["num_heads"]),
+                num_layers=int(m["num_layers"]),
+                rows=rows,
+                full=bool(m.get("full", False)),
+            )
+        except KeyError as e:
+            raise CollectError(f"{path}: manifest has no field {e.args[0]!r}") from None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.rows)
+
+    def rows_of(self, layer: int) -> int:
+        """Rows written for ``layer``; an error when it was not recorded or holds none."""
+        if layer not in self.rows:
+            raise CollectError(f"layer {layer} was not recorded in {self.directory} (recorded layers: {self.layers})")
+        if self.rows[layer] <= 0:
+            raise CollectError(f"layer {layer} has no rows in {self.directory / MANIFEST}")
+        return self.rows[layer]
+
+    def width(self, stem: str) -> int:
+        return getattr(self, WIDTH_FIELDS[stem])
+
+    def array(self, stem: str, layer: int) -> np.memmap:
+        """``<stem>_<layer>.mmap`` mapped read-only with only the rows written (row-major)."""
+        rows, width = self.rows_of(layer), self.width(stem)
+        path = self.directory / f"{stem}_{layer}.mmap"
+        if not path.is_file():
+            raise CollectError(f"{path}: file is missing (layer {layer} is listed in the manifest)")
+        dtype = STORAGE_DTYPES[self.dtype]
+        needed = rows * width * np.dtype(dtype).itemsize
+        if path.stat().st_size < needed:
+            raise CollectError(
+                f"{path}: {path.stat().st_size} bytes, but {rows} rows of {width} {self.dtype} need {needed}"
+            )
+        return np.memmap(path, dtype=dtype, mode="r", shape=(rows, width))
+
+    def read(self, array: np.memmap, rows: np.ndarray) -> torch.Tensor:
+        """``rows`` (sorted first: one slice when consecutive) of one of this collection's
+        arrays, as a tensor of the stored dtype that owns its memory: half the bytes of
+        float32 to move to a GPU, where ``.float()`` is cheap. A non-finite value is an
+        error naming the file and row, since one overflowed float16 would silently turn
+        a predictor's loss into NaN."""
+        rows = np.sort(rows)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            block = np.array(array[rows[0] : rows[-1] + 1])
+        else:
+            block = np.asarray(array[rows])
+        t = torch.from_numpy(block)
+        t = t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+        finite = torch.isfinite(t).all(dim=1)
+        if not finite.all():
+            raise CollectError(f"{array.filename}: non-finite value in row {rows[int((~finite).nonzero()[0])]}")
+        return t
+
+    def batches(self, arrays: Sequence[np.memmap], rows: np.ndarray, batch_size: int) -> Iterator[list[torch.Tensor]]:
+        """Stream ``rows`` of each array in the given order, ``batch_size`` at a time."""
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            yield [self.read(array, batch) for array in arrays]
+
+
+def split_rows(num_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint, sorted (train, validation) row indices covering ``range(num_rows)``.
+
+    A seeded permutation of blocks of consecutive rows chooses the validation blocks, so
+    the split is reproducible, spread over the whole collection (not only its end, where
+    the longest generations sit) and never shares a block with training."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if num_rows < 2:
+        raise ValueError(f"need at least 2 rows to split into train and validation, got {num_rows}")
+    block = max(1, min(MAX_SPLIT_BLOCK, num_rows // MIN_SPLIT_BLOCKS))
+    num_blocks = -(-num_rows // block)
+    num_val = min(max(1, round(num_blocks * val_fraction)), num_blocks - 1)
+    is_val_block = np.zeros(num_blocks, dtype=bool)
+    is_val_block[np.random.default_rng(seed).permutation(num_blocks)[:num_val]] = True
+    is_val = np.repeat(is_val_block, block)[:num_rows]
+    rows = np.arange(num_rows)
+    return rows[~is_val], rows[is_val]

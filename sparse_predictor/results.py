@@ -1,0 +1,44 @@
+"""``metrics.json``: one file per output directory, shared by both predictor kinds.
+
+MLP results (DejaVu's main predictor) sit at the top level as ``layers`` and ``config``;
+attention results have the same shape under ``att``. A run replaces only its own kind's
+section, so training ``--kind mlp`` and ``--kind att`` into one directory gives one report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.shards import write_json_atomic
+
+METRICS_FILE = "metrics.json"
+FORMAT = 1
+
+
+def read_metrics(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / METRICS_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no metrics (run python -m sparse_predictor.train first)") from None
+
+
+def section(metrics: dict, kind: str) -> dict | None:
+    """``{"layers", "config"}`` of one predictor kind, or None when it was not trained."""
+    if kind == "mlp":
+        return {"layers": metrics["layers"], "config": metrics["config"]} if "layers" in metrics else None
+    return metrics.get(kind)
+
+
+def write_metrics(out_dir: str | Path, kind: str, layers: dict, config: dict, drift: dict) -> Path:
+    """Store one kind's results next to what another kind's run left, atomically."""
+    path = Path(out_dir) / METRICS_FILE
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    entry = {"layers": layers, "config": config}
+    if kind == "mlp":
+        metrics.update(entry)
+    else:
+        metrics[kind] = entry
+    metrics.update(format=FORMAT, drift=drift)
+    write_json_atomic(path, metrics)
+    return path

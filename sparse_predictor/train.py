@@ -1,0 +1,165 @@
+"""Train sparse predictors for the recorded layers of a collect directory.
+
+    python -m sparse_predictor.train --data-dir DIR --model-name MODEL_DIR --out OUT \\
+        [--layers 0,15,29|all] [--kind mlp|att] [--target-sparsity s | --threshold t] ...
+
+Writes ``<kind>_layer_<l>.pt`` per layer, ``metrics.json`` and ``report.md`` with plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, ModelConfig
+from engine.shards import ShardError
+from sparse_predictor.data import CollectError, Collection, split_rows
+from sparse_predictor.drift import embedding_drift
+from sparse_predictor.labels import abs_quantile, heads_kept
+from sparse_predictor.predictor import KINDS, Task, low_rank_predictor
+from sparse_predictor.report import write_report
+from sparse_predictor.results import write_metrics
+from sparse_predictor.trainer import SELECT_METRICS, LayerData, Settings, train_layer
+
+CHECKPOINT_FORMAT = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m sparse_predictor.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, type=Path, help="collect directory (manifest.json + *.mmap)")
+    p.add_argument("--model-name", required=True, type=Path, help="shard directory of the model collected")
+    p.add_argument("--out", required=True, type=Path, help="where checkpoints, metrics.json and report go")
+    p.add_argument("--layers", default="all", help="comma-separated layer indices, or 'all' recorded layers")
+    p.add_argument("--kind", choices=KINDS, default="mlp")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--target-sparsity",
+        type=float,
+        default=None,
+        help="MLP: active = |y| above this quantile of |y| over the training rows (default 0.5)",
+    )
+    labels.add_argument("--threshold", type=float, default=None, help="MLP: active = |y| > this absolute value")
+    p.add_argument("--D", type=int, default=1000, help="rank of the low-rank predictor")
+    p.add_argument("--lookahead", action="store_true", help="MLP: predict from the layer input (att_x)")
+    p.add_argument("--att-keep", type=float, default=0.5, help="attention: fraction of heads labelled important")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
+    p.add_argument("--select-metric", choices=SELECT_METRICS, default=defaults.select_metric)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drift-rows", type=int, default=20000, help="tokens sampled for the embedding drift")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def resolve_layers(spec: str, collection: Collection) -> list[int]:
+    """The layers to train; each must be recorded and hold rows (else a CollectError)."""
+    try:
+        layers = collection.layers if spec == "all" else [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise CollectError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+    for layer in layers:
+        collection.rows_of(layer)
+    return layers
+
+
+def check_model(collection: Collection, config: ModelConfig, model_dir: Path) -> None:
+    """Refuse a model directory whose shapes differ from the collected data's."""
+    for name in ("hidden_size", "intermediate_size", "num_heads"):
+        if getattr(collection, name) != getattr(config, name):
+            raise CollectError(
+                f"{collection.directory}: {name}={getattr(collection, name)} but model {model_dir} "
+                f"has {getattr(config, name)} (was the data collected from another model?)"
+            )
+
+
+def make_task(args: argparse.Namespace, collection: Collection, layer: int, train_rows) -> tuple[Task, str | None]:
+    """The layer's task and, for a quantile threshold, how the quantile was computed."""
+    if args.kind == "att":
+        return Task.att(heads_kept(collection.num_heads, args.att_keep)), None
+    if args.threshold is not None:
+        return Task.mlp(args.threshold, args.lookahead), "absolute"
+    sparsity = 0.5 if args.target_sparsity is None else args.target_sparsity
+    labels = collection.array("mlp_label", layer)
+    threshold, method = abs_quantile(collection, labels, train_rows, sparsity, seed=args.seed + layer)
+    return Task.mlp(threshold, args.lookahead), method
+
+
+def train_one(args: argparse.Namespace, collection: Collection, config: ModelConfig, layer: int) -> dict:
+    """Train, checkpoint and describe one layer's predictor."""
+    train_rows, val_rows = split_rows(collection.rows_of(layer), args.val_fraction, args.seed)
+    task, threshold_method = make_task(args, collection, layer, train_rows)
+    data = LayerData.open(collection, task, args.model_name, config, layer, train_rows, val_rows)
+    width = data.y.shape[1]
+    torch.manual_seed(args.seed + layer)
+    predictor = low_rank_predictor(config.hidden_size, args.D, width)
+    settings = Settings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        select_metric=args.select_metric,
+        device=args.device,
+        seed=args.seed + layer,
+    )
+    result = train_layer(predictor, data, settings, name=f"{args.kind} layer {layer}")
+    entry = {
+        **result.metrics,
+        "threshold": task.threshold,
+        "threshold_method": threshold_method,
+        "heads_kept": task.keep,
+        "train_rows": len(train_rows),
+        "val_rows": len(val_rows),
+        "rows_per_second": result.rows_per_second,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "checkpoint": f"{args.kind}_layer_{layer}.pt",
+    }
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": args.kind,
+            "layer": layer,
+            "state_dict": result.state_dict,
+            "threshold": task.threshold,
+            "heads_kept": task.keep,
+            "input": {"stem": task.x_stem, "norm": task.norm_key, "rms_norm_eps": config.rms_norm_eps},
+            "shape": {"in": config.hidden_size, "rank": args.D, "out": width},
+            "metrics": entry,
+        },
+        args.out / entry["checkpoint"],
+    )
+    return entry
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    if args.kind == "att" and (args.threshold is not None or args.target_sparsity is not None or args.lookahead):
+        raise SystemExit("--threshold, --target-sparsity and --lookahead apply to --kind mlp only")
+    collection = Collection.open(args.data_dir)
+    config = ModelConfig.from_model_dir(args.model_name)
+    check_model(collection, config, args.model_name)
+    layers = resolve_layers(args.layers, collection)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {str(layer): train_one(args, collection, config, layer) for layer in layers}
+    drift = embedding_drift(collection, args.drift_rows)
+    path = write_metrics(args.out, args.kind, results, run_config(args), drift)
+    report = write_report(args.out)
+    print(f"metrics: {path}\nreport: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CollectError, ConfigError, ShardError) as e:
+        sys.exit(f"error: {e}")
