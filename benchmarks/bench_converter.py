@@ -34,12 +34,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Llama 3.2 1B's published config.json (meta-llama/Llama-3.2-1B).
 LLAMA32_1B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-    "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
 }
 MLP_KEYS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
@@ -104,8 +121,12 @@ def measure(module: str, args: list[str]) -> tuple[float, float, float]:
         log, status_copy = Path(tmp) / "stderr", Path(tmp) / "status"
         with open(log, "wb") as err:
             start = time.perf_counter()
-            child = subprocess.Popen([sys.executable, "-c", RUNNER, str(status_copy), module, *args], cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=err)
+            child = subprocess.Popen(
+                [sys.executable, "-c", RUNNER, str(status_copy), module, *args],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
             peak_anon = 0.0
             while child.poll() is None:
                 try:
@@ -125,12 +146,15 @@ def disk_gib(path: Path) -> float:
 
 
 def convert_row(name: str, source: Path, out: Path) -> str:
-    seconds, rss, anon = measure("converters.convert_llama_checkpoint", ["--model-name", str(source),
-                                                                         "--save-path", str(out)])
+    seconds, rss, anon = measure(
+        "converters.convert_llama_checkpoint", ["--model-name", str(source), "--save-path", str(out)]
+    )
     source_gib, out_gib = disk_gib(source), disk_gib(out)
     shutil.rmtree(out)
-    return (f"| {name} | {source_gib:.2f} | {out_gib:.2f} | {seconds:.1f} | {rss:.2f} | {anon:.2f} "
-            f"| {rss / source_gib:.2f} |")
+    return (
+        f"| {name} | {source_gib:.2f} | {out_gib:.2f} | {seconds:.1f} | {rss:.2f} | {anon:.2f} "
+        f"| {rss / source_gib:.2f} |"
+    )
 
 
 def main() -> None:
@@ -157,8 +181,10 @@ def main() -> None:
         shutil.rmtree(src)
 
     print(f"CPU: {os.cpu_count()} cores; child process running the converter's --help: peak RSS {base_rss:.2f} GiB\n")
-    print("| model | source on disk (GiB) | shards on disk (GiB) | wall (s) | peak RSS (GiB) "
-          "| peak anonymous RSS (GiB) | peak RSS / source size |")
+    print(
+        "| model | source on disk (GiB) | shards on disk (GiB) | wall (s) | peak RSS (GiB) "
+        "| peak anonymous RSS (GiB) | peak RSS / source size |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if not args.workdir:
