@@ -77,10 +77,11 @@ def main() -> None:
     rows = []
     hf_tps = hf_run(model, tokenizer, prompts, args.new_tokens)
     rows.append((f"HF generate, batch {len(prompts)}, 2 threads", hf_tps, None))
-    for nproc, threads in ((1, 2), (2, 1)):
+    for nproc, threads, split in ((1, 2, []), (2, 1, []), (2, 1, ["--balance-head"])):
         batch = ["--micro-batch-size", str(-(-len(prompts) // nproc))]
-        stats = run_engine(model_dir, many, nproc, threads, [*common, *batch])
-        rows.append((f"engine pp={nproc}, {threads} thread(s)/rank", stats["tokens_per_second"], stats))
+        stats = run_engine(model_dir, many, nproc, threads, [*common, *batch, *split])
+        name = f"engine pp={nproc}, {threads} thread(s)/rank{', ' + split[0] if split else ''}"
+        rows.append((name, stats["tokens_per_second"], stats))
     hf_single = hf_run(model, tokenizer, prompts[:1], args.new_tokens)
     single = run_engine(model_dir, one, 1, 2, common)
     rows.append(("HF generate, batch 1 (single stream)", hf_single, None))

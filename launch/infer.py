@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-inflight", type=int, default=None, help="micro-batches in the ring at once (default pp + 1)")
     p.add_argument("--num-layers", type=int, default=None, help="layers per stage (DejaVu meaning)")
     p.add_argument("--max-layers", type=int, default=None, help="run only the first L layers")
+    p.add_argument(
+        "--balance-head",
+        action="store_true",
+        help="give the last stage fewer layers, weighing the LM head by its decode cost",
+    )
     p.add_argument("--dist-backend", choices=BACKENDS, default=None, help="default: torch_nccl with CUDA, else gloo")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_name)
     config = ModelConfig.from_model_dir(model_dir)
     types = (args.stage_model_types or args.model_type).split(",")
-    plans = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers)
+    head_cost = config.vocab_size * config.hidden_size / config.layer_parameters() if args.balance_head else 0.0
+    plans = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers, head_cost)
     plan = plans[rank]
     save_layers = [layer for p in plans if p.model_type == SAVE_TYPE for layer in p.layers]
     if save_layers:

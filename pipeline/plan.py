@@ -9,19 +9,33 @@ class PlanError(ValueError):
     """The requested split cannot be made (too few layers, wrong world size, ...)."""
 
 
+def _even(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (r < extra) for r in range(parts)]
+
+
 def split_layers(
-    num_layers: int, world_size: int, layers_per_stage: int | None = None, max_layers: int | None = None
+    num_layers: int,
+    world_size: int,
+    layers_per_stage: int | None = None,
+    max_layers: int | None = None,
+    last_stage_extra: float = 0.0,
 ) -> list[range]:
     """Layer ranges per rank. As in DejaVu, ``layers_per_stage`` fixes each stage's count
     and ``max_layers`` caps the total (only the first layers run); otherwise the layers
-    are split as evenly as possible, the earlier ranks taking one more when uneven."""
+    are split as evenly as possible, the earlier ranks taking one more when uneven.
+    ``last_stage_extra`` counts the LM head as that many layers of work, so the last
+    stage gets fewer layers (what balances decoding, where the head runs every step)."""
     total = num_layers if max_layers is None else min(max_layers, num_layers)
     if layers_per_stage is not None:
         total = min(total, layers_per_stage * world_size)
         counts = [max(0, min(layers_per_stage, total - r * layers_per_stage)) for r in range(world_size)]
+    elif last_stage_extra and world_size > 1:
+        share = (total + last_stage_extra) / world_size
+        last = min(max(1, round(share - last_stage_extra)), total - (world_size - 1))
+        counts = [*_even(total - last, world_size - 1), last]
     else:
-        base, extra = divmod(total, world_size)
-        counts = [base + (r < extra) for r in range(world_size)]
+        counts = _even(total, world_size)
     if total < 1 or min(counts) < 1:
         raise PlanError(f"cannot give each of {world_size} pipeline stages at least one of {total} layers")
     starts = [sum(counts[:r]) for r in range(world_size)]
@@ -50,11 +64,12 @@ def make_plans(
     model_types: list[str],
     layers_per_stage: int | None = None,
     max_layers: int | None = None,
+    last_stage_extra: float = 0.0,
 ) -> list[StagePlan]:
     """One plan per rank; ``model_types`` holds one type for all stages or one per stage."""
     if len(model_types) == 1:
         model_types = model_types * world_size
     if len(model_types) != world_size:
         raise PlanError(f"--stage-model-types lists {len(model_types)} types for {world_size} stages")
-    ranges = split_layers(num_layers, world_size, layers_per_stage, max_layers)
+    ranges = split_layers(num_layers, world_size, layers_per_stage, max_layers, last_stage_extra)
     return [StagePlan(r, world_size, ranges[r], model_types[r]) for r in range(world_size)]

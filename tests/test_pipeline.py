@@ -169,6 +169,19 @@ def test_split_layers(layers, world, per_stage, max_layers, expected):
     assert [(r.start, r.stop) for r in split_layers(layers, world, per_stage, max_layers)] == expected
 
 
+@pytest.mark.parametrize(
+    "world,head_cost,expected",
+    [
+        # SmolLM2: the head (49152 x 576) costs 8 layers (3.54M parameters each) per decoded token.
+        (2, 8.0, [(0, 19), (19, 30)]),  # (30 + 8) / 2 = 19 per stage: 19 | 11 + head
+        (3, 8.0, [(0, 13), (13, 25), (25, 30)]),  # 38 / 3 = 12.7: last 12.7 - 8 -> 5
+        (2, 40.0, [(0, 29), (29, 30)]),  # the last stage keeps at least one layer
+    ],
+)
+def test_split_layers_balancing_the_head(world, head_cost, expected):
+    assert [(r.start, r.stop) for r in split_layers(30, world, last_stage_extra=head_cost)] == expected
+
+
 def test_plan_errors():
     with pytest.raises(PlanError, match="at least one"):
         split_layers(2, 3)
