@@ -27,14 +27,24 @@ from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
 from engine.shards import ShardError
 from modules.llama import LlamaEmbeddings, LlamaLMHead
 from modules.registry import BUILDERS, BlockSpec, build_block
+from npt.checkpoint import CheckpointError, NPTCheckpoint
 from pipeline.generation import GenerationRules, make_micro_batches, make_sequences
 from pipeline.plan import PlanError, StagePlan, make_plans
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.stage import Stage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-USER_ERRORS = (PromptError, ShardError, ConfigError, PlanError, CollectError, ValueError, FileNotFoundError)
-SAVE_TYPE = "llama-save"
+USER_ERRORS = (
+    PromptError,
+    ShardError,
+    ConfigError,
+    PlanError,
+    CollectError,
+    CheckpointError,
+    ValueError,
+    FileNotFoundError,
+)
+SAVE_TYPE, NPT_TYPE = "llama-save", "llama-npt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-capacity", type=int, default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
+    p.add_argument("--npt-checkpoint", help="npt.pt from python -m npt.train, for llama-npt stages")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -148,7 +159,12 @@ def run(args: argparse.Namespace) -> None:
             args.collect_resume,
             args.collect_flush_seconds,
         )
-    stage = build_stage(plan, model_dir, config, args.dtype, device, {"collector": collector})
+    options = {"collector": collector}
+    if plan.model_type == NPT_TYPE:
+        if not args.npt_checkpoint:
+            raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
+        options["npt_checkpoint"] = NPTCheckpoint.load(args.npt_checkpoint)
+    stage = build_stage(plan, model_dir, config, args.dtype, device, options)
     start = time.perf_counter()
     try:
         if plan.is_first:

@@ -29,13 +29,21 @@ def _plain(spec: BlockSpec) -> nn.Module:
     return LlamaBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
 
 
+def _npt(spec: BlockSpec) -> nn.Module:
+    """An NPT block where the checkpoint converts this layer, the plain block elsewhere."""
+    from npt.checkpoint import load_npt_block
+
+    checkpoint = spec.options["npt_checkpoint"]
+    return load_npt_block(spec.model_dir, spec.config, spec.layer_index, checkpoint, spec.dtype)
+
+
 def _save(spec: BlockSpec) -> nn.Module:
     block = LlamaSaveBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
     block.recorder = spec.options["collector"]
     return block
 
 
-BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain, "llama-save": _save}
+BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain, "llama-save": _save, "llama-npt": _npt}
 
 
 def build_block(model_type: str, spec: BlockSpec) -> nn.Module:
