@@ -1,0 +1,224 @@
+"""Equivalence pre-training: teach the NPT layers to reproduce the original layers' outputs.
+
+    python -m npt.train --model-name SHARD_DIR --convert-layers upper_half --np-rank 64 \\
+        --out DIR --data train.jsonl [--val-data validation.jsonl] [--max-steps N] [--resume]
+
+Only the NP parameters train (the base model is frozen and never copied). Layer-wise mode
+feeds every NPT layer the original model's input to that layer and fits its output; all
+converted layers train in the same step, each on its own input. End-to-end mode fits the
+NPT model's final normed hidden states to the original's. ``<out>/npt.pt`` is saved atomically
+every ``--save-every`` steps and at the end; ``--resume`` continues from it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.shards import write_json_atomic
+from engine.tokenizer import load_tokenizer
+from modules.llama_npt import NPTConfig, freeze_all_but_np, parse_convert_layers
+from npt.checkpoint import CHECKPOINT_NAME, NPTCheckpoint
+from npt.data import batch_at, load_windows
+from npt.evaluate import EVAL_NAME, evaluate
+from npt.losses import fidelity, regularizer
+from npt.model import ShardModel
+
+LOG_NAME = "train_log.jsonl"
+MODES = ("layerwise", "end-to-end")
+
+
+@dataclass
+class StepLoss:
+    total: torch.Tensor
+    fidelity: torch.Tensor
+    regularizer: torch.Tensor
+
+
+def layerwise_loss(model: ShardModel, ids: torch.Tensor, lambda_reg: float) -> StepLoss:
+    """Each NPT layer on the original model's input to it, against the original output;
+    fidelity and regularizer are averaged over layers, so the scale does not grow with them."""
+    with torch.no_grad():
+        io = model.original_layer_io(ids)
+    ctx = model.context(ids)
+    fid, reg = [], []
+    for i, (x, target) in io.items():
+        out, v_a, v_b = model.blocks[i].forward_with_np(x, ctx)
+        fid.append(fidelity(out, target))
+        reg.append(regularizer(v_a, v_b))
+    f, r = torch.stack(fid).mean(), torch.stack(reg).mean()
+    return StepLoss(f + lambda_reg * r, f, r)
+
+
+def end_to_end_loss(model: ShardModel, ids: torch.Tensor, lambda_reg: float) -> StepLoss:
+    """The NPT model's final normed hidden states (what the LM head reads) against the
+    original's. After the norm, the few huge residual channels no longer swamp the error
+    in the channels that decide the logits."""
+    with torch.no_grad():
+        target = model.head.norm(model.hidden_states(ids, plastic=False)[0])
+    hidden, vectors = model.hidden_states(ids, plastic=True)
+    f = fidelity(model.head.norm(hidden), target)
+    r = torch.stack([regularizer(v_a, v_b) for v_a, v_b in vectors.values()]).mean()
+    return StepLoss(f + lambda_reg * r, f, r)
+
+
+LOSSES = {"layerwise": layerwise_loss, "end-to-end": end_to_end_loss}
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m npt.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-name", required=True, help="converted shard directory")
+    p.add_argument("--out", required=True, type=Path, help="directory for npt.pt, train_log.jsonl, eval.json")
+    p.add_argument("--data", required=True, type=Path, help='training text: JSON lines with "prompt"')
+    p.add_argument("--val-data", type=Path, help="held-out text (default: the last 10%% of --data's windows)")
+    p.add_argument("--convert-layers", default="upper_half", help="upper_half | lower_half | all | a:b | 1,5,7")
+    p.add_argument("--np-rank", type=int, default=64)
+    p.add_argument("--np-init-scale", type=float, default=0.01)
+    p.add_argument("--mode", choices=MODES, default="layerwise")
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lambda-reg", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for the final evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/npt.pt")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    return p.parse_args(argv)
+
+
+def start_checkpoint(args: argparse.Namespace, num_layers: int) -> NPTCheckpoint:
+    """The checkpoint to resume, or a fresh one; refuses to overwrite or to mix configs."""
+    wanted = NPTConfig(args.np_rank, args.np_init_scale, parse_convert_layers(args.convert_layers, num_layers))
+    path = args.out / CHECKPOINT_NAME
+    if not path.exists():
+        if args.resume:
+            print(f"{path} does not exist yet: starting from step 0")
+        return NPTCheckpoint(wanted, {})
+    if not args.resume:
+        raise SystemExit(f"{path} exists: pass --resume to continue it, or choose another --out")
+    ckpt = NPTCheckpoint.load(path)
+    if ckpt.config != wanted:
+        raise SystemExit(f"{path} was trained with {ckpt.config}, the arguments ask for {wanted}")
+    return ckpt
+
+
+def open_wandb(args: argparse.Namespace):
+    if not args.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("--wandb given but wandb is not installed: logging to train_log.jsonl only")
+        return None
+    return wandb.init(project="npt-equivalence", config={k: str(v) for k, v in vars(args).items()})
+
+
+class EquivalenceTrainer:
+    """The model, optimizer and step count of one run; ``step`` is one optimizer step."""
+
+    def __init__(self, args: argparse.Namespace, ckpt: NPTCheckpoint):
+        self.args, self.config, self.steps = args, ckpt.config, ckpt.step
+        self.model = ShardModel.load(args.model_name, ckpt).to(args.device)
+        self.params = freeze_all_but_np(self.model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        if ckpt.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        self.loss_fn = LOSSES[args.mode]
+
+    def step(self, windows: torch.Tensor) -> dict[str, float]:
+        """Train on the batch of the current step; returns its log row."""
+        args, started = self.args, time.perf_counter()
+        ids = batch_at(windows, self.steps, args.batch_size, args.seed).to(args.device)
+        lr = warmup_lr(self.steps, args.lr, args.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss_fn(self.model, ids, args.lambda_reg)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.grad_clip)
+        self.optimizer.step()
+        self.steps += 1
+        return {
+            "step": self.steps,
+            "loss": loss.total.item(),
+            "fidelity": loss.fidelity.item(),
+            "regularizer": loss.regularizer.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "seconds": time.perf_counter() - started,
+        }
+
+    def save(self) -> None:
+        meta = {"model_name": str(self.args.model_name), "args": {k: str(v) for k, v in vars(self.args).items()}}
+        NPTCheckpoint.from_model(
+            self.config, self.model.npt_blocks, step=self.steps, optimizer=self.optimizer.state_dict(), meta=meta
+        ).save(self.args.out / CHECKPOINT_NAME)
+
+
+def prepare(args: argparse.Namespace) -> tuple[EquivalenceTrainer, torch.Tensor, torch.Tensor]:
+    """The trainer (fresh or resumed) and the training and held-out windows."""
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.model_name)
+    windows = load_windows(args.data, tokenizer, args.seq_len)
+    if args.val_data:
+        val = load_windows(args.val_data, tokenizer, args.seq_len)
+    else:
+        held = max(1, len(windows) // 10)
+        if held >= len(windows):
+            raise SystemExit(f"{args.data} holds one window of --seq-len {args.seq_len}: pass --val-data")
+        windows, val = windows[:-held], windows[-held:]
+    ckpt = start_checkpoint(args, ModelConfig.from_model_dir(args.model_name).num_layers)
+    return EquivalenceTrainer(args, ckpt), windows, val[: args.eval_windows].to(args.device)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train to ``--max-steps``, checkpoint, evaluate; returns the evaluation."""
+    trainer, windows, val = prepare(args)
+    run = open_wandb(args)
+    bar = tqdm(total=args.max_steps, initial=trainer.steps, desc="npt equivalence", unit="step")
+    with open(args.out / LOG_NAME, "a") as log:
+        while trainer.steps < args.max_steps:
+            row = trainer.step(windows)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if run is not None:
+                run.log(row, step=row["step"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", fid=f"{row['fidelity']:.4g}")
+            if trainer.steps % args.save_every == 0:
+                trainer.save()
+    bar.close()
+    trainer.save()
+    result = {"step": trainer.steps, **evaluate(trainer.model, val, args.batch_size)}
+    write_json_atomic(args.out / EVAL_NAME, result)
+    if run is not None:
+        run.summary.update({k: v for k, v in result.items() if isinstance(v, int | float)})
+        run.finish()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = train(parse_args(argv))
+    print(json.dumps({k: result[k] for k in ("step", "ppl_base", "ppl_npt", "ppl_ratio")}))
+
+
+if __name__ == "__main__":
+    main()
