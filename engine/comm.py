@@ -37,7 +37,7 @@ class TorchDistCommunicator:
 
     def __init__(self, backend: str, timeout_seconds: float, device: torch.device):
         if backend == "cupy_nccl":
-            raise NotImplementedError("the cupy_nccl backend is not implemented yet: use torch_nccl or gloo")
+            raise ValueError("--dist-backend cupy_nccl is not implemented yet: use torch_nccl (GPUs) or gloo")
         self.device = device
         dist.init_process_group(
             backend="nccl" if backend in ("torch_nccl", "nccl") else "gloo",
