@@ -176,7 +176,8 @@ class LlamaBlock(nn.Module):
 
     @classmethod
     def from_shard(cls, model_dir: str | Path, config: ModelConfig, layer_index: int, dtype=torch.float32):
-        block = cls(config, layer_index)
+        with torch.device("meta"):  # no random init: every weight comes from the shard
+            block = cls(config, layer_index)
         block.load_tensors(load_shard(model_dir, layer_index, config))
         return block.to(dtype)
 
@@ -193,7 +194,8 @@ class LlamaEmbeddings(nn.Module):
 
     @classmethod
     def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
-        module = cls(config)
+        with torch.device("meta"):
+            module = cls(config)
         _load(module, load_shard(model_dir, EMBEDDINGS, config))
         return module.to(dtype)
 
@@ -211,6 +213,7 @@ class LlamaLMHead(nn.Module):
 
     @classmethod
     def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
-        module = cls(config)
+        with torch.device("meta"):
+            module = cls(config)
         _load(module, load_shard(model_dir, LM_HEAD, config))
         return module.to(dtype)
