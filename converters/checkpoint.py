@@ -21,8 +21,16 @@ from safetensors import SafetensorError, safe_open
 from engine.config import ModelConfig
 
 #: What reading a truncated or corrupt file raises, across torch, safetensors, gguf and numpy.
-READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError, zipfile.BadZipFile,
-               pickle.UnpicklingError)
+READ_ERRORS = (
+    OSError,
+    RuntimeError,
+    ValueError,
+    EOFError,
+    KeyError,
+    SafetensorError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
 
 
 class ConversionError(RuntimeError):

@@ -15,12 +15,29 @@ from engine.config import ConfigError, ModelConfig
 from engine.shards import LAYER_KEYS
 
 GGUF_NAMES = NameTable(
-    {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-     "lm_head.weight": "output.weight"},
+    {
+        "embed_tokens.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    },
     "blk.{}.",
-    dict(zip(LAYER_KEYS, ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_norm.weight",
-                          "ffn_norm.weight"), strict=True)),
+    dict(
+        zip(
+            LAYER_KEYS,
+            (
+                "attn_q.weight",
+                "attn_k.weight",
+                "attn_v.weight",
+                "attn_output.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+                "attn_norm.weight",
+                "ffn_norm.weight",
+            ),
+            strict=True,
+        )
+    ),
 )
 
 

@@ -39,8 +39,11 @@ HF_TOKENIZER_FILES = (
 
 
 HF_NAMES = NameTable(
-    {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-     "lm_head.weight": "lm_head.weight"},
+    {
+        "embed_tokens.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    },
     "model.layers.{}.",
     {key: f"mlp.{key}" if key in MLP_KEYS else key for key in LAYER_KEYS},
 )

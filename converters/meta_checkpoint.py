@@ -19,9 +19,23 @@ from engine.shards import LAYER_KEYS
 META_NAMES = NameTable(
     {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight", "lm_head.weight": "output.weight"},
     "layers.{}.",
-    dict(zip(LAYER_KEYS, ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-                          "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
-                          "attention_norm.weight", "ffn_norm.weight"), strict=True)),
+    dict(
+        zip(
+            LAYER_KEYS,
+            (
+                "attention.wq.weight",
+                "attention.wk.weight",
+                "attention.wv.weight",
+                "attention.wo.weight",
+                "feed_forward.w1.weight",
+                "feed_forward.w3.weight",
+                "feed_forward.w2.weight",
+                "attention_norm.weight",
+                "ffn_norm.weight",
+            ),
+            strict=True,
+        )
+    ),
 )
 
 
@@ -56,8 +70,10 @@ class MetaCheckpoint(RotaryInterleaved):
         except (json.JSONDecodeError, ConfigError) as e:
             raise ConversionError(f"{params_path}: {e}") from None
         if config.rope_scaling:
-            origin = "params.json" if params.get("rope_scaling_factor") is not None else (
-                f"--llama-version {self.llama_version}"
+            origin = (
+                "params.json"
+                if params.get("rope_scaling_factor") is not None
+                else (f"--llama-version {self.llama_version}")
             )
             print(f"llama3 rope scaling factor {config.rope_scaling['factor']:g} (from {origin})")
         # Meta marks tied output embeddings (Llama 3.2 1B/3B) by leaving output.weight out.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def load_shard(model_dir: str | Path, piece: int | str, config=None) -> dict[str
         raise ShardError(f"{path}: shard file is missing")
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, pickle.UnpicklingError) as e:
         raise ShardError(f"{path}: cannot read shard file (truncated or corrupt?): {e}") from None
     if config is not None:
         check_shapes(path, tensors, expected_shapes(config, piece))

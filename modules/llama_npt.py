@@ -137,12 +137,6 @@ class LlamaNPTBlock(LlamaBlock):
         """The original layer on the same weights: the target of equivalence training."""
         return super().forward(x, ctx, cache)
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Shard tensors, plus ``np.*`` tensors when given (else the NP init is kept)."""
-        if not any(k.startswith(NP_PREFIX) for k in tensors):
-            tensors = {**tensors, **{NP_PREFIX + k: t for k, t in self.np.state_dict().items()}}
-        super().load_tensors(tensors)
-
     @classmethod
     def from_shard(
         cls,
@@ -154,10 +148,15 @@ class LlamaNPTBlock(LlamaBlock):
         npt: NPTConfig,
         np_state: dict[str, torch.Tensor] | None = None,
     ) -> LlamaNPTBlock:
-        """Base weights from the shard, NP weights from ``np_state`` (keys as in ``NPComponent``)."""
-        block = cls(config, layer_index, npt)
+        """Base weights from the shard, NP weights from ``np_state`` (keys as in
+        ``NPComponent``) or, when it is None (a fresh run), from the NP init."""
+        if np_state is None:
+            h, ffn = config.hidden_size, config.intermediate_size
+            np_state = NPComponent(h, ffn, npt.np_rank, npt.np_init_scale).state_dict()
+        with torch.device("meta"):  # no random base init: every base weight comes from the shard
+            block = cls(config, layer_index, npt)
         tensors = load_shard(model_dir, layer_index, config)
-        block.load_tensors({**tensors, **{NP_PREFIX + k: t for k, t in (np_state or {}).items()}})
+        block.load_tensors({**tensors, **{NP_PREFIX + k: t for k, t in np_state.items()}})
         return block.to(dtype)
 
 

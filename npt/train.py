@@ -31,7 +31,6 @@ from npt.losses import fidelity, regularizer
 from npt.model import ShardModel
 
 LOG_NAME = "train_log.jsonl"
-MODES = ("layerwise", "end-to-end")
 
 
 @dataclass
@@ -85,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--convert-layers", default="upper_half", help="upper_half | lower_half | all | a:b | 1,5,7")
     p.add_argument("--np-rank", type=int, default=64)
     p.add_argument("--np-init-scale", type=float, default=0.01)
-    p.add_argument("--mode", choices=MODES, default="layerwise")
+    p.add_argument("--mode", choices=tuple(LOSSES), default="layerwise")
     p.add_argument("--max-steps", type=int, default=60)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)

@@ -81,9 +81,10 @@ def test_hf_safetensors_dir(tiny_hf_dir, tiny_shard_dir):
     assert config.tie_word_embeddings is True
     assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 32.0
     text = "The quick brown fox"
-    assert AutoTokenizer.from_pretrained(tiny_shard_dir)(text).input_ids == AutoTokenizer.from_pretrained(
-        tiny_hf_dir
-    )(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(tiny_shard_dir)(text).input_ids
+        == AutoTokenizer.from_pretrained(tiny_hf_dir)(text).input_ids
+    )
 
     manifest = json.loads((tiny_shard_dir / "manifest.json").read_text())
     assert (manifest["format"], manifest["dtype"], manifest["num_layers"]) == ("hf", "float32", 4)
@@ -169,8 +170,10 @@ def write_meta_checkpoint(model, directory: Path, parts: int, dtype: torch.dtype
     wq/wk/wv/w1/w3/output/embeddings and columns of wo/w2 are split, norms replicated."""
     cfg, state = model.config, model.state_dict()
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    tensors = {"tok_embeddings.weight": (state["model.embed_tokens.weight"], 0),
-               "norm.weight": (state["model.norm.weight"], None)}
+    tensors = {
+        "tok_embeddings.weight": (state["model.embed_tokens.weight"], 0),
+        "norm.weight": (state["model.norm.weight"], None),
+    }
     if not cfg.tie_word_embeddings:
         tensors["output.weight"] = (state["lm_head.weight"], 0)
     for i in range(cfg.num_hidden_layers):
@@ -192,10 +195,22 @@ def write_meta_checkpoint(model, directory: Path, parts: int, dtype: torch.dtype
         part = {k: t.to(dtype).clone() for k, t in part.items()}
         torch.save(part, directory / f"consolidated.{rank:02d}.pth")
     # Meta's FFN size: int(2 * 4 * 64 / 3) = 170, rounded up to a multiple of 64 -> 192.
-    (directory / "params.json").write_text(json.dumps({
-        "dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 64,
-        "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True, **params,
-    }))
+    (directory / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 4,
+                "n_heads": 8,
+                "n_kv_heads": 2,
+                "vocab_size": 512,
+                "multiple_of": 64,
+                "norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "use_scaled_rope": True,
+                **params,
+            }
+        )
+    )
 
 
 def test_meta_two_files_untied(untied_model, tmp_path, capsys):
@@ -350,8 +365,15 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_script_and_inspector_verify(tiny_hf_dir, tmp_path):
     out = tmp_path / "out"
-    script = run("converters/convert_llama_checkpoint.py", "--model-name", str(tiny_hf_dir), "--save-path", str(out),
-                 "--dtype", "bfloat16")
+    script = run(
+        "converters/convert_llama_checkpoint.py",
+        "--model-name",
+        str(tiny_hf_dir),
+        "--save-path",
+        str(out),
+        "--dtype",
+        "bfloat16",
+    )
     assert script.returncode == 0, script.stderr
     assert torch.load(out / "pytorch_1.pt", weights_only=True)["gate_proj.weight"].dtype == torch.bfloat16
 
