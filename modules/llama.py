@@ -156,6 +156,14 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], rename: dict[str,
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def _from_shard(cls, model_dir: str | Path, config: ModelConfig, piece: str, dtype: torch.dtype) -> nn.Module:
+    """Build on the meta device (no random init to throw away), then take the shard's tensors."""
+    with torch.device("meta"):
+        module = cls(config)
+    _load(module, load_shard(model_dir, piece, config))
+    return module.to(dtype)
+
+
 class LlamaBlock(nn.Module):
     """One decoder layer: h = x + Attn(Norm(x)); out = h + MLP(Norm(h))."""
 
@@ -194,10 +202,7 @@ class LlamaEmbeddings(nn.Module):
 
     @classmethod
     def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
-        with torch.device("meta"):
-            module = cls(config)
-        _load(module, load_shard(model_dir, EMBEDDINGS, config))
-        return module.to(dtype)
+        return _from_shard(cls, model_dir, config, EMBEDDINGS, dtype)
 
 
 class LlamaLMHead(nn.Module):
@@ -213,7 +218,4 @@ class LlamaLMHead(nn.Module):
 
     @classmethod
     def from_shard(cls, model_dir: str | Path, config: ModelConfig, dtype=torch.float32):
-        with torch.device("meta"):
-            module = cls(config)
-        _load(module, load_shard(model_dir, LM_HEAD, config))
-        return module.to(dtype)
+        return _from_shard(cls, model_dir, config, LM_HEAD, dtype)
