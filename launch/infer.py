@@ -117,6 +117,29 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
     }
 
 
+def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path) -> dict:
+    """What this stage's block type needs beyond the shards: a collector, an NPT checkpoint."""
+    if plan.model_type == SAVE_TYPE:
+        collector = ActivationCollector(
+            args.collect_dir,
+            list(plan.layers),
+            save_layers,
+            config,
+            model_dir,
+            str(args.infer_data),
+            args.collect_dtype,
+            args.collect_capacity,
+            args.collect_resume,
+            args.collect_flush_seconds,
+        )
+        return {"collector": collector}
+    if plan.model_type == NPT_TYPE:
+        if not args.npt_checkpoint:
+            raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
+        return {"npt_checkpoint": NPTCheckpoint.load(args.npt_checkpoint)}
+    return {}
+
+
 def run(args: argparse.Namespace) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -145,25 +168,8 @@ def run(args: argparse.Namespace) -> None:
 
     driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
-    collector = None
-    if plan.model_type == SAVE_TYPE:
-        collector = ActivationCollector(
-            args.collect_dir,
-            list(plan.layers),
-            save_layers,
-            config,
-            model_dir,
-            str(args.infer_data),
-            args.collect_dtype,
-            args.collect_capacity,
-            args.collect_resume,
-            args.collect_flush_seconds,
-        )
-    options = {"collector": collector}
-    if plan.model_type == NPT_TYPE:
-        if not args.npt_checkpoint:
-            raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
-        options["npt_checkpoint"] = NPTCheckpoint.load(args.npt_checkpoint)
+    options = block_options(args, plan, save_layers, config, model_dir)
+    collector = options.get("collector")
     stage = build_stage(plan, model_dir, config, args.dtype, device, options)
     start = time.perf_counter()
     try:
