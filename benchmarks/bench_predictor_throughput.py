@@ -1,6 +1,6 @@
 """Training throughput on a synthetic layer (SmolLM2-135M's shape by default).
 
-    python -m sparse_predictor.benchmark [--rows 20000] [--hidden 576] [--ffn 1536] [--heads 9]
+    python -m benchmarks.bench_predictor_throughput [--rows 20000] [--hidden 576] [--ffn 1536] [--heads 9]
 
 Prints rows per second of one training epoch per predictor kind, and the rate at which
 the same batches are only read and labelled (no model), so the share of I/O is visible."""
@@ -30,7 +30,7 @@ def read_rate(data: LayerData, settings: Settings) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sparse_predictor.benchmark", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_predictor_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--ffn", type=int, default=1536)
