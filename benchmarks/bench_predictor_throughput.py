@@ -30,7 +30,9 @@ def read_rate(data: LayerData, settings: Settings) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_predictor_throughput", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_predictor_throughput", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--ffn", type=int, default=1536)
