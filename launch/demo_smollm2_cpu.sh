@@ -53,4 +53,4 @@ fi
 
 echo "== 6. train sparse predictors (MLP and attention) on every layer"
 PYTHON="$PY" bash launch/train_predictors.sh "$OUT/collect" "$OUT/model" "$OUT/predictors" --epochs "${EPOCHS:-3}"
-echo "report: $OUT/predictors/report.md (plots: $OUT/predictors/*.png)"
+echo "== done: open $OUT/predictors/report.md; the pictures are $OUT/predictors/*.png"
