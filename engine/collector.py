@@ -9,7 +9,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import queue
 import shutil
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ FORMAT_VERSION = 1
 ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
+#: Writes smaller than this many values are done inline rather than by the writer thread.
+INLINE_WRITE_VALUES = 1 << 16
 
 
 class CollectError(RuntimeError):
@@ -109,6 +113,7 @@ class ActivationCollector:
         self.full = False
         self._warn_disk_space()
         self.files = {(name, layer): self._open_array(name, layer) for layer in self.layers for name in ARRAYS}
+        self._writer = BackgroundWriter(self.torch_dtype, max_pending=len(self.files))  # about one step
 
     def _open_manifest(self, header: dict, input_path: str, resume: bool) -> int:
         """Create the manifest, or check a resumed one; return the first row to write."""
@@ -160,8 +165,7 @@ class ActivationCollector:
                 self._mark_full()
             return
         for name, tensor in arrays.items():
-            rows = tensor[real][:count]
-            self.files[(name, layer)][start : start + count] = rows.to(self.torch_dtype).cpu().numpy()
+            self._writer.submit(self.files[(name, layer)], start, tensor[real][:count])
         self.rows[layer] = start + count
         if self.rows[layer] == self.capacity:
             self._mark_full()
@@ -175,6 +179,7 @@ class ActivationCollector:
 
     def flush(self) -> None:
         """Make the written rows durable, then publish their count in the manifest."""
+        self._writer.drain()
         for mm in self.files.values():
             mm.flush()
         with _locked(self.dir):
@@ -187,4 +192,54 @@ class ActivationCollector:
 
     def close(self) -> None:
         self.flush()
+        self._writer.stop()
         self.files.clear()
+
+
+class BackgroundWriter:
+    """Converts rows to the file dtype and copies them into the memmaps on a thread of its
+    own, so that this work fills the time the stage would otherwise wait for its peers.
+    The queue is bounded, so a slow disk slows the stage instead of filling memory."""
+
+    def __init__(self, dtype: torch.dtype, max_pending: int):
+        self.dtype = dtype
+        self.queue: queue.Queue = queue.Queue(max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="collect-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, mm: np.memmap, start: int, rows: torch.Tensor) -> None:
+        """Large writes (prefill) go to the thread; small ones (a decode step's few rows)
+        are cheaper done at once than handed over, which costs GIL switches."""
+        self._raise_error()
+        if rows.numel() < INLINE_WRITE_VALUES:
+            self._write(mm, start, rows)
+        else:
+            self.queue.put((mm, start, rows))
+
+    def _write(self, mm: np.memmap, start: int, rows: torch.Tensor) -> None:
+        mm[start : start + len(rows)] = rows.to(self.dtype).cpu().numpy()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self._write(*item)
+            except BaseException as e:  # reported to the stage at its next submit or flush
+                self.error = e
+            finally:
+                self.queue.task_done()
+        self.queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every submitted row is in its memmap."""
+        self.queue.join()
+        self._raise_error()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise CollectError(f"writing collected rows failed: {self.error}") from self.error
