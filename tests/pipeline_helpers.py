@@ -26,19 +26,22 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Co
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def run_infer(model_dir: Path, prompts: Path, out: Path, nproc: int = 1, extra: list[str] = ()) -> list[dict]:
-    args = [
+def infer_args(model_dir: Path, prompts: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    """launch/infer.py's arguments for one run, without a progress bar."""
+    return [
         "--model-name",
         str(model_dir),
         "--infer-data",
         str(prompts),
         "--output-path",
         str(out),
-        "--pp-degree",
-        str(nproc),
         "--no-progress",
         *extra,
     ]
+
+
+def run_infer(model_dir: Path, prompts: Path, out: Path, nproc: int = 1, extra: list[str] = ()) -> list[dict]:
+    args = infer_args(model_dir, prompts, out, ["--pp-degree", str(nproc), *extra])
     if nproc == 1:
         from launch.infer import main
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import INFER, ROOT, run_infer, write_prompts
+from pipeline_helpers import INFER, ROOT, infer_args, run_infer, write_prompts
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -99,27 +99,27 @@ def tiny_model(tiny_hf_dir):
     return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
 
 
+def save_args(collect_dir) -> list[str]:
+    """The collection settings every test here starts from."""
+    return [
+        "--model-type",
+        "llama-save",
+        "--collect-dir",
+        str(collect_dir),
+        "--collect-capacity",
+        "500",
+        "--max-new-tokens",
+        "5",
+        "--micro-batch-size",
+        "3",
+    ]
+
+
 def collect(model_dir, tmp_path, nproc, extra=(), prompts=None, name="collect"):
     items = prompts or [{"prompt": p} for p in PROMPTS]
-    results = run_infer(
-        model_dir,
-        write_prompts(tmp_path / f"{name}.jsonl", items),
-        tmp_path / f"{name}_out.jsonl",
-        nproc,
-        [
-            "--model-type",
-            "llama-save",
-            "--collect-dir",
-            str(tmp_path / name),
-            "--collect-capacity",
-            "500",
-            "--max-new-tokens",
-            "5",
-            "--micro-batch-size",
-            "3",
-            *extra,
-        ],
-    )
+    prompts_path = write_prompts(tmp_path / f"{name}.jsonl", items)
+    out = tmp_path / f"{name}_out.jsonl"
+    results = run_infer(model_dir, prompts_path, out, nproc, [*save_args(tmp_path / name), *extra])
     return results, tmp_path / name
 
 
@@ -176,25 +176,8 @@ def test_refuses_to_overwrite_and_resume_appends(tiny_shard_dir, tmp_path):
     rows = first_manifest["rows"]["0"]
     from launch.infer import main
 
-    args = [
-        "--model-name",
-        str(tiny_shard_dir),
-        "--infer-data",
-        str(tmp_path / "collect.jsonl"),
-        "--output-path",
-        str(tmp_path / "again.jsonl"),
-        "--model-type",
-        "llama-save",
-        "--collect-dir",
-        str(collect_dir),
-        "--collect-capacity",
-        "500",
-        "--max-new-tokens",
-        "5",
-        "--micro-batch-size",
-        "3",
-        "--no-progress",
-    ]
+    prompts, again = tmp_path / "collect.jsonl", tmp_path / "again.jsonl"
+    args = infer_args(tiny_shard_dir, prompts, again, save_args(collect_dir))
     assert main(args) != 0  # not empty, no --collect-resume
     assert read_dataset(collect_dir)[0]["rows"] == first_manifest["rows"]
     assert main([*args, "--collect-resume", "--collect-dtype", "float32"]) != 0  # different dtype

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from pipeline_helpers import hf_greedy, run_infer, torchrun, write_prompts
+from pipeline_helpers import hf_greedy, infer_args, run_infer, torchrun, write_prompts
 
 from pipeline.plan import PlanError, make_plans, split_layers
 
@@ -198,18 +198,7 @@ def run_failing(capsys, tmp_path, model_dir, prompts_text: str, extra=()):
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text(prompts_text)
     out = tmp_path / "out.jsonl"
-    code = main(
-        [
-            "--model-name",
-            str(model_dir),
-            "--infer-data",
-            str(prompts),
-            "--output-path",
-            str(out),
-            "--no-progress",
-            *extra,
-        ]
-    )
+    code = main(infer_args(model_dir, prompts, out, extra))
     assert code != 0
     assert not out.exists()
     return capsys.readouterr().err
