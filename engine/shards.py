@@ -100,11 +100,15 @@ def read_manifest(model_dir: str | Path) -> dict:
         raise ShardError(f"{path}: invalid JSON: {e}") from None
 
 
-def verify_manifest(model_dir: str | Path) -> list[str]:
-    """Return one message per file whose size or sha256 differs from the manifest."""
-    problems = []
-    for name, entry in read_manifest(model_dir)["files"].items():
+def verify_manifest(model_dir: str | Path, names: list[str] | None = None) -> list[str]:
+    """Return one message per file (all, or only ``names``) whose size or sha256 differs
+    from the manifest."""
+    listed = read_manifest(model_dir)["files"]
+    problems = [f"{Path(model_dir) / name}: not listed in {MANIFEST}" for name in names or () if name not in listed]
+    for name, entry in listed.items():
         path = Path(model_dir) / name
+        if names is not None and name not in names:
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != entry["size"]:

@@ -24,7 +24,7 @@ from engine.collector import ActivationCollector, CollectError, check_collect_di
 from engine.comm import BACKENDS, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
-from engine.shards import ShardError
+from engine.shards import ShardError, shard_filename, verify_manifest
 from modules.llama import LlamaEmbeddings, LlamaLMHead
 from modules.registry import BUILDERS, BlockSpec, build_block
 from npt.checkpoint import CheckpointError, NPTCheckpoint
@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-capacity", type=int, default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
+    p.add_argument(
+        "--verify-shards", action="store_true", help="check each stage's shard files against the manifest's sha256"
+    )
     p.add_argument("--npt-checkpoint", help="npt.pt from python -m npt.train, for llama-npt stages")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
@@ -90,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("float16" if args.fp16 else "float32")]
     return args
+
+
+def verify_stage_files(plan: StagePlan, model_dir: Path) -> None:
+    problems = verify_manifest(model_dir, [shard_filename(piece) for piece in plan.pieces])
+    if problems:
+        raise ShardError("shard files do not match the manifest:\n  " + "\n  ".join(problems))
 
 
 def build_stage(plan: StagePlan, model_dir: Path, config: ModelConfig, dtype, device, options: dict) -> Stage:
@@ -168,6 +177,8 @@ def run(args: argparse.Namespace) -> None:
 
     driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
+    if args.verify_shards:
+        verify_stage_files(plan, model_dir)
     options = block_options(args, plan, save_layers, config, model_dir)
     collector = options.get("collector")
     stage = build_stage(plan, model_dir, config, args.dtype, device, options)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.shards import EMBEDDINGS, LM_HEAD
+
 
 class PlanError(ValueError):
     """The requested split cannot be made (too few layers, wrong world size, ...)."""
@@ -56,6 +58,11 @@ class StagePlan:
     @property
     def is_last(self) -> bool:
         return self.rank == self.world_size - 1
+
+    @property
+    def pieces(self) -> list[int | str]:
+        """The shard pieces this stage loads: its layers, plus embeddings or head at the ends."""
+        return [EMBEDDINGS] * self.is_first + list(self.layers) + [LM_HEAD] * self.is_last
 
 
 def make_plans(
