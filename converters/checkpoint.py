@@ -8,8 +8,6 @@ a time, so a conversion never holds the whole model."""
 from __future__ import annotations
 
 import math
-import pickle
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,18 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.config import ModelConfig
+from engine.shards import READ_ERRORS as TORCH_READ_ERRORS
+from engine.shards import load_untrusted
 
-#: What reading a truncated or corrupt file raises, across torch, safetensors, gguf and numpy.
-READ_ERRORS = (
-    OSError,
-    RuntimeError,
-    ValueError,
-    EOFError,
-    KeyError,
-    SafetensorError,
-    zipfile.BadZipFile,
-    pickle.UnpicklingError,
-)
+#: What reading a truncated or corrupt file raises: torch's, plus safetensors', gguf's and numpy's.
+READ_ERRORS = (*TORCH_READ_ERRORS, KeyError, SafetensorError)
 
 
 class ConversionError(RuntimeError):
@@ -88,10 +79,7 @@ class TorchFile:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except READ_ERRORS as e:
-            raise ConversionError(f"{path}: cannot read torch file (truncated or corrupt?): {e}") from None
+        self._tensors = load_untrusted(path, "torch file", ConversionError)
         if not isinstance(self._tensors, dict):
             raise ConversionError(f"{path}: holds a {type(self._tensors).__name__}, not a state dict")
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.model_name, args.save_path, args.dtype, args.llama_version)
-    except (ConversionError, ConfigError, ShardError) as e:
+    except (ConversionError, ConfigError, ShardError, OSError) as e:  # OSError: writing metadata, disk full
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -5,15 +5,13 @@ directory, so a checkpoint is megabytes, not the model again."""
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig
-from engine.shards import ShardError, check_shapes
+from engine.shards import ShardError, check_shapes, load_untrusted
 from modules.llama import LlamaBlock
 from modules.llama_npt import LlamaNPTBlock, NPTConfig, np_shapes
 
@@ -66,10 +64,7 @@ class NPTCheckpoint:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no NPT checkpoint there")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{path}: cannot read the NPT checkpoint: {e}") from None
+        payload = load_untrusted(path, "the NPT checkpoint", CheckpointError, mmap=False)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not an NPT checkpoint (expected format {FORMAT!r})")
         config = NPTConfig.from_dict(payload["npt_config"])
