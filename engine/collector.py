@@ -1,14 +1,17 @@
-"""Writes collected activations into DejaVu's raw row-major ``np.memmap`` files.
+"""Writes collected activations into DejaVu's raw row-major files (read as ``np.memmap``).
 
-Files are created sparse (no zero-filling). ``manifest.json`` holds the rows written per
-layer and is replaced atomically after each flush, under a file lock shared by the
-ranks, so a run killed at any moment leaves a dataset whose manifest rows are valid."""
+Files are created sparse (no zero-filling) and written with ``pwrite``: on a full disk a
+write through a memory map would kill the process with SIGBUS, a ``pwrite`` fails with an
+error naming the file. ``manifest.json`` holds the rows written per layer and is replaced
+atomically after each flush, under a file lock shared by the ranks, so a run killed or
+failing at any moment leaves a dataset whose manifest rows are valid."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
+import os
 import queue
 import shutil
 import threading
@@ -55,14 +58,33 @@ def model_fingerprint(model_dir: Path) -> dict:
 
 
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an existing dataset unless resuming. Run before any rank writes."""
+    """Refuse to overwrite an existing dataset unless resuming. Run before any rank writes.
+    A dataset without rows (left by a run that failed at start) holds nothing to lose."""
     if resume:
         if not (collect_dir / MANIFEST).is_file():
             raise CollectError(f"{collect_dir}: --collect-resume given but there is no {MANIFEST} to resume")
-    elif collect_dir.exists() and any(collect_dir.iterdir()):
+    elif collect_dir.exists() and any(collect_dir.iterdir()) and _recorded_rows(collect_dir) != 0:
         raise CollectError(
             f"{collect_dir}: collect directory is not empty; pass --collect-resume to append, or choose another"
         )
+
+
+def _header_mismatch(manifest: dict, header: dict) -> str | None:
+    """How an existing manifest differs from this run's, or None when they agree."""
+    for key, value in header.items():
+        if key != "model" and manifest.get(key) != value:
+            return f"{key} is {manifest.get(key)!r}, this run has {value!r}"
+    if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
+        return f"collected from {manifest['model']['path']}, a different model"
+    return None
+
+
+def _recorded_rows(collect_dir: Path) -> int | None:
+    """Rows the manifest claims over all layers; None when there is no readable manifest."""
+    try:
+        return sum(json.loads((collect_dir / MANIFEST).read_text())["rows"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 @contextmanager
@@ -92,7 +114,6 @@ class ActivationCollector:
         flush_seconds: float = 30.0,
     ):
         self.dir = Path(collect_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.layers, self.dtype, self.capacity = list(layers), np.dtype(dtype), capacity
         self.torch_dtype = getattr(torch, self.dtype.name)
         self.widths = array_widths(config)
@@ -108,28 +129,45 @@ class ActivationCollector:
             "layers": sorted(all_layers),
             "model": model_fingerprint(model_dir),
         }
-        start = self._open_manifest(header, input_path, resume)
-        self.rows = {layer: start for layer in self.layers}
+        self.header, self.input_path, self.resume = header, input_path, resume
+        self.rows: dict[int, int] = {}
         self.full = False
+        self.files: dict[tuple[str, int], ArrayFile] = {}
+        self._writer: BackgroundWriter | None = None
+
+    def open(self) -> ActivationCollector:
+        """Create (or reopen, when resuming) the manifest and this rank's files. Called once
+        every rank has started, so a run that fails at start writes nothing."""
+        start = self._open_manifest(self.header, self.input_path, self.resume)
+        self.rows = {layer: start for layer in self.layers}
         self._warn_disk_space()
-        self.files = {(name, layer): self._open_array(name, layer) for layer in self.layers for name in ARRAYS}
+        for layer in self.layers:
+            for name in ARRAYS:
+                path = array_path(self.dir, name, layer)
+                self.files[(name, layer)] = ArrayFile(path, self.widths[name], self.dtype, self.capacity)
         self._writer = BackgroundWriter(self.torch_dtype, max_pending=len(self.files))  # about one step
+        return self
 
     def _open_manifest(self, header: dict, input_path: str, resume: bool) -> int:
-        """Create the manifest, or check a resumed one; return the first row to write."""
+        """Create the manifest (the first rank to get here), or check one made by another
+        rank of this run or being resumed; return the first row to write."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         with _locked(self.dir):
             path = self.dir / MANIFEST
+            fresh = {**header, "rows": {}, "full": False, "inputs": [input_path]}
             if not path.exists():
-                write_json_atomic(path, {**header, "rows": {}, "full": False, "inputs": [input_path]})
+                write_json_atomic(path, fresh)
                 return 0
             manifest = json.loads(path.read_text())
-            for key, value in header.items():
-                if key != "model" and manifest.get(key) != value:
-                    raise CollectError(f"{path}: cannot resume: {key} is {manifest.get(key)!r}, this run has {value!r}")
-            if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
-                raise CollectError(
-                    f"{path}: cannot resume: collected from {manifest['model']['path']}, a different model"
-                )
+            mismatch = _header_mismatch(manifest, header)
+            if not resume:
+                if mismatch and _recorded_rows(self.dir) == 0:  # left by a run that failed at start
+                    write_json_atomic(path, fresh)
+                elif mismatch:
+                    raise CollectError(f"{path}: another run started collecting here ({mismatch})")
+                return 0
+            if mismatch:
+                raise CollectError(f"{path}: cannot resume: {mismatch}")
             # Keep row k the same token in every layer: restart every layer at the shortest,
             # and say so at once, before rows past it are overwritten.
             start = min((manifest["rows"].get(str(layer), 0) for layer in header["layers"]), default=0)
@@ -137,14 +175,6 @@ class ActivationCollector:
             manifest["inputs"] += [input_path] if input_path not in manifest["inputs"] else []
             write_json_atomic(path, manifest)
             return start
-
-    def _open_array(self, name: str, layer: int) -> np.memmap:
-        path = array_path(self.dir, name, layer)
-        size = self.capacity * self.widths[name] * self.dtype.itemsize
-        with open(path, "ab") as f:  # create if missing; truncate() extends sparsely
-            if f.tell() != size:
-                f.truncate(size)
-        return np.memmap(path, dtype=self.dtype, mode="r+", shape=(self.capacity, self.widths[name]))
 
     def _warn_disk_space(self) -> None:
         per_row = sum(self.widths.values()) * self.dtype.itemsize * len(self.layers)
@@ -178,10 +208,13 @@ class ActivationCollector:
             print(f"collect: {self.dir} is full ({self.capacity} rows per layer); recording stopped", flush=True)
 
     def flush(self) -> None:
-        """Make the written rows durable, then publish their count in the manifest."""
+        """Make the written rows durable, then publish their count in the manifest. A write
+        that failed raises here, before the manifest could claim its rows."""
+        if self._writer is None:
+            return
         self._writer.drain()
-        for mm in self.files.values():
-            mm.flush()
+        for file in self.files.values():
+            file.sync()
         with _locked(self.dir):
             path = self.dir / MANIFEST
             manifest = json.loads(path.read_text())
@@ -191,13 +224,55 @@ class ActivationCollector:
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        self.flush()
-        self._writer.stop()
-        self.files.clear()
+        """Publish the last rows and release the files, also when publishing fails."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.stop()
+            for file in self.files.values():
+                file.close()
+            self.files.clear()
+
+
+class ArrayFile:
+    """One collected array: a (capacity, width) row-major file, written a block of rows at a time."""
+
+    def __init__(self, path: Path, width: int, dtype: np.dtype, capacity: int):
+        self.path, self.row_bytes = path, width * dtype.itemsize
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        size = capacity * self.row_bytes
+        try:
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)  # sparse: no blocks are allocated yet
+        except OSError as e:
+            os.close(self.fd)
+            raise CollectError(f"{path}: cannot size the file to {size} bytes: {e.strerror}") from None
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        offset = start * self.row_bytes
+        try:
+            while data:
+                written = os.pwrite(self.fd, data, offset)
+                data, offset = data[written:], offset + written
+        except OSError as e:
+            raise CollectError(
+                f"{self.path}: writing rows {start}-{start + len(rows) - 1} failed: {e.strerror} (disk full?)"
+            ) from None
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise CollectError(f"{self.path}: cannot flush to disk: {e.strerror}") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class BackgroundWriter:
-    """Converts rows to the file dtype and copies them into the memmaps on a thread of its
+    """Converts rows to the file dtype and writes them to their files on a thread of its
     own, so that this work fills the time the stage would otherwise wait for its peers.
     The queue is bounded, so a slow disk slows the stage instead of filling memory."""
 
@@ -208,17 +283,17 @@ class BackgroundWriter:
         self.thread = threading.Thread(target=self._run, name="collect-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, mm: np.memmap, start: int, rows: torch.Tensor) -> None:
+    def submit(self, file: ArrayFile, start: int, rows: torch.Tensor) -> None:
         """Large writes (prefill) go to the thread; small ones (a decode step's few rows)
         are cheaper done at once than handed over, which costs GIL switches."""
         self._raise_error()
         if rows.numel() < INLINE_WRITE_VALUES:
-            self._write(mm, start, rows)
+            self._write(file, start, rows)
         else:
-            self.queue.put((mm, start, rows))
+            self.queue.put((file, start, rows))
 
-    def _write(self, mm: np.memmap, start: int, rows: torch.Tensor) -> None:
-        mm[start : start + len(rows)] = rows.to(self.dtype).cpu().numpy()
+    def _write(self, file: ArrayFile, start: int, rows: torch.Tensor) -> None:
+        file.write(start, rows.to(self.dtype).cpu().numpy())
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -232,7 +307,7 @@ class BackgroundWriter:
         self.queue.task_done()
 
     def drain(self) -> None:
-        """Wait until every submitted row is in its memmap."""
+        """Wait until every submitted row is written."""
         self.queue.join()
         self._raise_error()
 
@@ -241,5 +316,7 @@ class BackgroundWriter:
         self.thread.join()
 
     def _raise_error(self) -> None:
+        if isinstance(self.error, CollectError):
+            raise self.error
         if self.error is not None:
             raise CollectError(f"writing collected rows failed: {self.error}") from self.error

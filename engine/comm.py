@@ -3,13 +3,14 @@
 Sends are non-blocking so that the decode ring (last stage -> rank 0) can never deadlock
 against rank 0's own sends; receives block, bounded by the process-group timeout, so a
 dead peer makes the others fail with an error instead of hanging. Another transport
-(e.g. cupy NCCL) is one more class with the same four methods."""
+(e.g. cupy NCCL) is one more class with the same methods."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -25,11 +26,15 @@ def device_for(backend: str) -> torch.device:
     """NCCL runs on the GPU that LOCAL_RANK picks; gloo on the CPU."""
     if backend in ("torch_nccl", "nccl"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--dist-backend {backend} needs CUDA, which is not available")
+            raise ValueError(f"--dist-backend {backend} needs CUDA, which is not available on this machine")
         index = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+class PeerError(RuntimeError):
+    """Another rank died, hung or failed: this rank cannot go on."""
 
 
 class TorchDistCommunicator:
@@ -38,36 +43,61 @@ class TorchDistCommunicator:
     def __init__(self, backend: str, timeout_seconds: float, device: torch.device):
         if backend == "cupy_nccl":
             raise ValueError("--dist-backend cupy_nccl is not implemented yet: use torch_nccl (GPUs) or gloo")
-        self.device = device
-        dist.init_process_group(
-            backend="nccl" if backend in ("torch_nccl", "nccl") else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_seconds),
-            device_id=device if device.type == "cuda" else None,
-        )
+        self.device, self.timeout_seconds = device, timeout_seconds
+        with self._peer(None, "joining"):
+            dist.init_process_group(
+                backend="nccl" if backend in ("torch_nccl", "nccl") else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_seconds),
+                device_id=device if device.type == "cuda" else None,
+            )
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.wait_seconds = 0.0
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst), tensor))
+        with self._peer(dst, "sending to"):
+            self._pending.append((dist.isend(tensor, dst), tensor))
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
         tensor = torch.empty(shape, dtype=dtype, device=self.device)
         start = time.perf_counter()
-        dist.recv(tensor, src)
+        with self._peer(src, "receiving from"):
+            dist.recv(tensor, src)
         self.wait_seconds += time.perf_counter() - start
         return tensor
+
+    def failed_ranks(self, failed: bool) -> list[int]:
+        """Tell every rank whether this one failed to start; returns the ranks that did."""
+        flags = [None] * self.world_size
+        with self._peer(None, "starting with"):
+            dist.all_gather_object(flags, failed)
+        return [rank for rank, flag in enumerate(flags) if flag]
 
     def gather_objects(self, obj: object) -> list[object] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere), e.g. per-rank statistics."""
         gathered = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, gathered, dst=0)
+        with self._peer(None, "gathering statistics with"):
+            dist.gather_object(obj, gathered, dst=0)
         return gathered
 
     def close(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
+        with self._peer(None, "finishing with"):
+            for work, _ in self._pending:
+                work.wait()
         self._pending.clear()
         dist.destroy_process_group()
+
+    @contextmanager
+    def _peer(self, peer: int | None, doing: str):
+        """Turn a transport failure into a PeerError that says which peer and why."""
+        try:
+            yield
+        except RuntimeError as e:  # torch.distributed's errors, gloo's included, are RuntimeErrors
+            who = f"rank {peer}" if peer is not None else "the other ranks"
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                why = f"nothing arrived within --dist-timeout {self.timeout_seconds:g} s (is it hung?)"
+            else:
+                why = "its connection closed (did it fail? see its own error)"
+            raise PeerError(f"lost contact while {doing} {who}: {why}") from e

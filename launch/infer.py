@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import torch
 
 from engine.collector import ActivationCollector, CollectError, check_collect_dir
-from engine.comm import BACKENDS, TorchDistCommunicator, default_backend, device_for
+from engine.comm import BACKENDS, PeerError, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
 from engine.shards import ShardError, shard_filename, verify_manifest
@@ -49,7 +50,7 @@ SAVE_TYPE, NPT_TYPE = "llama-save", "llama-npt"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-type", default="llama", help=f"block type of every stage: {', '.join(BUILDERS)}")
+    p.add_argument("--model-type", default="llama", choices=BUILDERS, help="block type of every stage")
     p.add_argument("--stage-model-types", help="comma-separated block type per stage, e.g. llama,llama-save")
     p.add_argument("--model-name", required=True, help="converted shard directory")
     p.add_argument(
@@ -57,17 +58,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--infer-data", required=True, help="prompts.jsonl")
     p.add_argument("--output-path", required=True, help="results.jsonl, written by rank 0 in input order")
-    p.add_argument("--max-new-tokens", "--generate-seq-length", type=int, default=32)
+    p.add_argument("--max-new-tokens", "--generate-seq-length", type=_count(0), default=32)
+    p.add_argument(
+        "--truncate-prompts",
+        action="store_true",
+        help="keep the end of a prompt too long for the context instead of failing (DejaVu-style)",
+    )
     p.add_argument(
         "--micro-batch-size",
         "--token-micro-batch-size",
-        type=int,
+        type=_count(1),
         default=None,
         help="prompts per micro-batch (default: spread the prompts over the stages, at most 32)",
     )
-    p.add_argument("--max-inflight", type=int, default=None, help="micro-batches in the ring at once (default pp + 1)")
-    p.add_argument("--num-layers", type=int, default=None, help="layers per stage (DejaVu meaning)")
-    p.add_argument("--max-layers", type=int, default=None, help="run only the first L layers")
+    p.add_argument(
+        "--max-inflight", type=_count(1), default=None, help="micro-batches in the ring at once (default pp + 1)"
+    )
+    p.add_argument("--num-layers", type=_count(1), default=None, help="layers per stage (DejaVu meaning)")
+    p.add_argument("--max-layers", type=_count(1), default=None, help="run only the first L layers")
     p.add_argument(
         "--balance-head",
         action="store_true",
@@ -77,10 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--collect-dir", help="where llama-save stages write their activation files")
     p.add_argument("--collect-dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--collect-capacity", type=int, default=400_000, help="rows per layer file (DejaVu: 400000)")
+    p.add_argument("--collect-capacity", type=_count(1), default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
     p.add_argument(
@@ -92,7 +100,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("float16" if args.fp16 else "float32")]
+    args.stage_types = (args.stage_model_types or args.model_type).split(",")
+    unknown = [t for t in args.stage_types if t not in BUILDERS]
+    if unknown:
+        p.error(f"--stage-model-types: unknown type {unknown[0]!r} (choose from {', '.join(BUILDERS)})")
+    if args.dist_timeout <= 0:
+        p.error("--dist-timeout must be positive")
     return args
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's message names the type
+    return parse
 
 
 def verify_stage_files(plan: StagePlan, model_dir: Path) -> None:
@@ -163,9 +190,8 @@ def run(args: argparse.Namespace) -> None:
         )
     model_dir = Path(args.model_name)
     config = ModelConfig.from_model_dir(model_dir)
-    types = (args.stage_model_types or args.model_type).split(",")
     head_cost = config.vocab_size * config.hidden_size / config.layer_parameters() if args.balance_head else 0.0
-    plans = make_plans(config.num_layers, world_size, types, args.num_layers, args.max_layers, head_cost)
+    plans = make_plans(config.num_layers, world_size, args.stage_types, args.num_layers, args.max_layers, head_cost)
     plan = plans[rank]
     save_layers = [layer for p in plans if p.model_type == SAVE_TYPE for layer in p.layers]
     if save_layers:
@@ -175,22 +201,35 @@ def run(args: argparse.Namespace) -> None:
     backend = args.dist_backend or default_backend()
     device = device_for(backend)
 
-    driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
-    if args.verify_shards:
-        verify_stage_files(plan, model_dir)
-    options = block_options(args, plan, save_layers, config, model_dir)
+    try:
+        driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
+        if args.verify_shards:
+            verify_stage_files(plan, model_dir)
+        options = block_options(args, plan, save_layers, config, model_dir)
+        stage = build_stage(plan, model_dir, config, args.dtype, device, options)
+    except USER_ERRORS:
+        if comm:
+            comm.failed_ranks(True)
+        raise
+    if comm and (failed := comm.failed_ranks(False)):
+        raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
+
     collector = options.get("collector")
-    stage = build_stage(plan, model_dir, config, args.dtype, device, options)
     start = time.perf_counter()
     try:
+        if collector is not None:
+            collector.open()
         if plan.is_first:
             finish = drive(args, stage, comm, *driver_inputs, pp)
         else:
             run_follower(stage, comm, config.hidden_size)
-    finally:
+    except BaseException:
         if collector is not None:
-            collector.close()
+            close_after_failure(collector)
+        raise
+    if collector is not None:
+        collector.close()
     loop_seconds = time.perf_counter() - start
     stats = rank_stats(comm, loop_seconds, device, stage)
     all_stats = comm.gather_objects(stats) if comm else [stats]
@@ -200,6 +239,14 @@ def run(args: argparse.Namespace) -> None:
         comm.close()
 
 
+def close_after_failure(collector: ActivationCollector) -> None:
+    """Publish the rows written before the failure; a second error must not hide the first."""
+    try:
+        collector.close()
+    except CollectError as e:
+        print(f"collect: rows after the last flush are lost: {e}", file=sys.stderr)
+
+
 def prepare_inputs(args, model_dir: Path, config: ModelConfig):
     """Rank 0 alone reads and tokenizes the prompts; bad input fails before any model loads."""
     from engine.tokenizer import load_tokenizer
@@ -207,7 +254,7 @@ def prepare_inputs(args, model_dir: Path, config: ModelConfig):
     requests = read_prompts(args.infer_data)
     tokenizer = load_tokenizer(model_dir)
     sequences = make_sequences(
-        requests, tokenizer, args.max_new_tokens, config.max_position_embeddings, args.infer_data
+        requests, tokenizer, args.max_new_tokens, config.max_position_embeddings, args.infer_data, args.truncate_prompts
     )
     return tokenizer, sequences
 
@@ -258,14 +305,31 @@ def drive(args, stage: Stage, comm, tokenizer, sequences, pp: int):
     return finish
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (torchrun stops the other ranks with it): unwind, keeping collected rows."""
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         run(args)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, PeerError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        kept = f"; {args.collect_dir} keeps the rows its manifest lists" if args.collect_dir else ""
+        print(f"interrupted (rank {rank}) by {name}: stopped, no results written{kept}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

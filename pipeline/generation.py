@@ -4,6 +4,7 @@ Only rank 0 tokenizes and holds the text; the other ranks see hidden states alon
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -74,20 +75,34 @@ class GenerationRules:
 
 
 def make_sequences(
-    requests: list[PromptRequest], tokenizer, default_max_new: int, context_len: int, source: str
+    requests: list[PromptRequest],
+    tokenizer,
+    default_max_new: int,
+    context_len: int,
+    source: str,
+    truncate: bool = False,
 ) -> list[Sequence]:
-    """Tokenize every prompt; a prompt that does not fit the context is an error naming it."""
+    """Tokenize every prompt. A prompt that does not fit the context is an error naming
+    it, or with ``truncate`` keeps its end (room left for its new tokens), with a warning."""
     sequences = []
     for i, request in enumerate(requests):
+        where = request.where or f"{source}: prompt {request.id!r}"
         ids = tokenizer(request.prompt)["input_ids"]
         if not ids:
-            raise PromptError(f"{source}: prompt {request.id!r} is empty after tokenization")
-        if len(ids) > context_len:
-            raise PromptError(
-                f"{source}: prompt {request.id!r} has {len(ids)} tokens, "
-                f"longer than the model's context of {context_len}"
-            )
+            raise PromptError(f"{where}: prompt {request.id!r} is empty after tokenization")
         wanted = default_max_new if request.max_tokens is None else request.max_tokens
+        if len(ids) > context_len:
+            if not truncate:
+                raise PromptError(
+                    f"{where}: prompt {request.id!r} has {len(ids)} tokens, longer than the model's context of "
+                    f"{context_len} (pass --truncate-prompts to keep its end)"
+                )
+            keep = max(1, context_len - wanted)
+            print(
+                f"warning: {where}: prompt {request.id!r} cut from {len(ids)} to its last {keep} tokens",
+                file=sys.stderr,
+            )
+            ids = ids[-keep:]
         seq = Sequence(i, request, ids, min(wanted, context_len - len(ids)))
         if seq.max_new == 0:
             seq.finish_reason = "length"

@@ -28,7 +28,9 @@ def split_layers(
     are split as evenly as possible, the earlier ranks taking one more when uneven.
     ``last_stage_extra`` counts the LM head as that many layers of work, so the last
     stage gets fewer layers (what balances decoding, where the head runs every step)."""
-    total = num_layers if max_layers is None else min(max_layers, num_layers)
+    if max_layers is not None and max_layers > num_layers:
+        raise PlanError(f"--max-layers {max_layers} is more than the model's {num_layers} layers")
+    total = num_layers if max_layers is None else max_layers
     if layers_per_stage is not None:
         total = min(total, layers_per_stage * world_size)
         counts = [max(0, min(layers_per_stage, total - r * layers_per_stage)) for r in range(world_size)]

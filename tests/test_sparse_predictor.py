@@ -86,7 +86,9 @@ def test_reads_what_the_save_mode_collector_wrote(tmp_path, model_dir):
 
     config = tiny_config(layers=4)
     widths = {"att_x": 32, "att_label": 4, "mlp_x": 32, "mlp_label": 64}
-    collector = ActivationCollector(tmp_path / "c", [1, 2], [1, 2], config, model_dir, "prompts.jsonl", capacity=50)
+    collector = ActivationCollector(
+        tmp_path / "c", [1, 2], [1, 2], config, model_dir, "prompts.jsonl", capacity=50
+    ).open()
     real = torch.tensor([[True, True, False], [True, True, True]])
     recorded = {name: torch.randn(2, 3, width) for name, width in widths.items()}
     for layer in (1, 2):
