@@ -58,11 +58,11 @@ def load_untrusted(path: Path, what: str, error: type[Exception] = ShardError, m
 
 
 def _refusal(e: pickle.UnpicklingError) -> str:
-    """torch's reason for refusing, without its advice to retry with ``weights_only=False``
-    (which would run the file's code)."""
+    """The first sentence of torch's reason for refusing, without its advice to retry with
+    ``weights_only=False`` or to allowlist the global (either would run the file's code)."""
     lines = [line.strip() for line in str(e).splitlines()]
     reasons = [line for line in lines if line and "weights_only" not in line and "documentation" not in line]
-    return reasons[-1] if reasons else str(e)
+    return (reasons[-1] if reasons else str(e)).split(". ")[0]
 
 
 def shard_filename(piece: int | str) -> str:
