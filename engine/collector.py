@@ -69,6 +69,13 @@ def check_collect_dir(collect_dir: Path, resume: bool) -> None:
         )
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    try:
+        write_json_atomic(path, manifest)
+    except OSError as e:
+        raise CollectError(f"{path}: cannot update the manifest: {e.strerror} (disk full?)") from None
+
+
 def _header_mismatch(manifest: dict, header: dict) -> str | None:
     """How an existing manifest differs from this run's, or None when they agree."""
     for key, value in header.items():
@@ -156,13 +163,13 @@ class ActivationCollector:
             path = self.dir / MANIFEST
             fresh = {**header, "rows": {}, "full": False, "inputs": [input_path]}
             if not path.exists():
-                write_json_atomic(path, fresh)
+                _write_manifest(path, fresh)
                 return 0
             manifest = json.loads(path.read_text())
             mismatch = _header_mismatch(manifest, header)
             if not resume:
                 if mismatch and _recorded_rows(self.dir) == 0:  # left by a run that failed at start
-                    write_json_atomic(path, fresh)
+                    _write_manifest(path, fresh)
                 elif mismatch:
                     raise CollectError(f"{path}: another run started collecting here ({mismatch})")
                 return 0
@@ -173,7 +180,7 @@ class ActivationCollector:
             start = min((manifest["rows"].get(str(layer), 0) for layer in header["layers"]), default=0)
             manifest["rows"] = {str(layer): start for layer in header["layers"]}
             manifest["inputs"] += [input_path] if input_path not in manifest["inputs"] else []
-            write_json_atomic(path, manifest)
+            _write_manifest(path, manifest)
             return start
 
     def _warn_disk_space(self) -> None:
@@ -182,7 +189,7 @@ class ActivationCollector:
         free = shutil.disk_usage(self.dir).free
         if need > free:
             warnings.warn(
-                f"{self.dir}: collection may write up to {need / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free",
+                f"{self.dir}: collection may write up to {need / 1e9:.3g} GB but only {free / 1e9:.3g} GB are free",
                 stacklevel=2,
             )
 
@@ -220,7 +227,7 @@ class ActivationCollector:
             manifest = json.loads(path.read_text())
             manifest["rows"].update({str(layer): n for layer, n in self.rows.items()})
             manifest["full"] = manifest["full"] or self.full
-            write_json_atomic(path, manifest)
+            _write_manifest(path, manifest)
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

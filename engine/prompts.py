@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.shards import atomic_write
 
 
 class PromptError(ValueError):
@@ -60,11 +61,12 @@ def read_prompts(path: str | Path) -> list[PromptRequest]:
 
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
-    """Write all rows to a temporary file, then rename: a failed run leaves no results file."""
+    """All rows or nothing: a failed run (or a full disk) leaves no results file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path) as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the results: {e.strerror}", str(path)) from None

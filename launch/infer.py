@@ -43,7 +43,7 @@ USER_ERRORS = (
     CollectError,
     CheckpointError,
     ValueError,
-    FileNotFoundError,
+    OSError,  # e.g. a full disk; the message names the file
 )
 SAVE_TYPE, NPT_TYPE = "llama-save", "llama-npt"
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 INFER = ROOT / "launch" / "infer.py"
+NAMES = ("att_x", "att_label", "mlp_x", "mlp_label")
 
 
 def write_prompts(path: Path, items: list[dict]) -> Path:
@@ -61,3 +63,21 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=N
             **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
         )
     return out[0, ids["input_ids"].shape[1] :].tolist()
+
+
+def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
+    """A collect dir's manifest, and the rows it claims of every array as float32."""
+    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    widths = {
+        "att_x": manifest["hidden_size"],
+        "mlp_x": manifest["hidden_size"],
+        "att_label": manifest["num_heads"],
+        "mlp_label": manifest["intermediate_size"],
+    }
+    data = {}
+    for layer in manifest["layers"]:
+        rows = manifest["rows"][str(layer)]
+        for name in NAMES:
+            mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
+            data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
+    return manifest, data

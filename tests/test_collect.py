@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import INFER, ROOT, infer_args, run_infer, write_prompts
+from pipeline_helpers import INFER, NAMES, ROOT, infer_args, read_dataset, run_infer, write_prompts
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -20,24 +20,6 @@ PROMPTS = [
     "Sparse predictors guess",
     "Hello",
 ]
-NAMES = ("att_x", "att_label", "mlp_x", "mlp_label")
-
-
-def read_dataset(collect_dir):
-    manifest = json.loads((collect_dir / "manifest.json").read_text())
-    widths = {
-        "att_x": manifest["hidden_size"],
-        "mlp_x": manifest["hidden_size"],
-        "att_label": manifest["num_heads"],
-        "mlp_label": manifest["intermediate_size"],
-    }
-    data = {}
-    for layer in manifest["layers"]:
-        rows = manifest["rows"][str(layer)]
-        for name in NAMES:
-            mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
-            data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
-    return manifest, data
 
 
 def hf_activations(model, token_ids: list[int]) -> dict:
