@@ -4,14 +4,13 @@ directory, so a checkpoint is megabytes, not the model again."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.config import ModelConfig
-from engine.shards import ShardError, check_shapes, load_untrusted
+from engine.shards import ShardError, atomic_write, check_shapes, load_untrusted
 from modules.llama import LlamaBlock
 from modules.llama_npt import LlamaNPTBlock, NPTConfig, np_shapes
 
@@ -44,7 +43,7 @@ class NPTCheckpoint:
         return cls(config, state, **training)
 
     def save(self, path: str | Path) -> None:
-        """Write via a temporary file and rename, so a crash never leaves half a checkpoint."""
+        """Atomically: a crash or a full disk never leaves half a checkpoint, nor a temporary file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -55,9 +54,8 @@ class NPTCheckpoint:
             "optimizer": self.optimizer,
             "meta": self.meta,
         }
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            torch.save(payload, f)
 
     @classmethod
     def load(cls, path: str | Path) -> NPTCheckpoint:
