@@ -242,7 +242,7 @@ def test_bad_shard_names_the_file(tiny_shard_dir, tmp_path, capsys, damage):
 
 
 def test_dead_rank_does_not_hang_the_others(tiny_shard_dir, tmp_path):
-    """Rank 1's shard is missing: rank 1 fails, and rank 0 (waiting for it) must exit too."""
+    """Rank 1's shard is missing: rank 1 says so, rank 0 says who failed, and both exit."""
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_shard_dir, model_dir)
     (model_dir / "pytorch_3.pt").unlink()
@@ -263,5 +263,6 @@ def test_dead_rank_does_not_hang_the_others(tiny_shard_dir, tmp_path):
         timeout=120,
     )
     assert result.returncode != 0
-    assert "pytorch_3.pt" in result.stderr
+    assert "error (rank 1): " in result.stderr and "pytorch_3.pt" in result.stderr
+    assert "error (rank 0): rank 1 failed to start" in result.stderr
     assert not out.exists()
