@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
@@ -177,6 +178,8 @@ def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelCo
 
 
 def run(args: argparse.Namespace) -> None:
+    """Checks every rank makes alike and cheaply come first, before the process group;
+    then each rank loads its stage, all agree they started, and the pipeline runs."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     pp = args.pp_degree or world_size
@@ -202,20 +205,9 @@ def run(args: argparse.Namespace) -> None:
     device = device_for(backend)
 
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
-    try:
-        driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
-        if args.verify_shards:
-            verify_stage_files(plan, model_dir)
-        options = block_options(args, plan, save_layers, config, model_dir)
-        stage = build_stage(plan, model_dir, config, args.dtype, device, options)
-    except USER_ERRORS:
-        if comm:
-            comm.failed_ranks(True)
-        raise
-    if comm and (failed := comm.failed_ranks(False)):
-        raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
-
-    collector = options.get("collector")
+    stage, collector, driver_inputs = start_together(
+        comm, lambda: load_stage(args, plan, save_layers, config, model_dir, device)
+    )
     start = time.perf_counter()
     try:
         if collector is not None:
@@ -237,6 +229,31 @@ def run(args: argparse.Namespace) -> None:
         finish(loop_seconds, all_stats)
     if comm:
         comm.close()
+
+
+def load_stage(args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path, device):
+    """Rank 0 reads the prompts first (bad input fails before any model loads); every rank
+    then checks and loads its own shard files. Nothing is written yet."""
+    driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
+    if args.verify_shards:
+        verify_stage_files(plan, model_dir)
+    options = block_options(args, plan, save_layers, config, model_dir)
+    stage = build_stage(plan, model_dir, config, args.dtype, device, options)
+    return stage, options.get("collector"), driver_inputs
+
+
+def start_together(comm, start: Callable):
+    """Run ``start`` on every rank, then agree whether all succeeded: a rank's bad input
+    stops the others at once with a message naming it, not with a hang-up mid-run."""
+    try:
+        result = start()
+    except USER_ERRORS:
+        if comm:
+            comm.failed_ranks(True)
+        raise
+    if comm and (failed := comm.failed_ranks(False)):
+        raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
+    return result
 
 
 def close_after_failure(collector: ActivationCollector) -> None:
