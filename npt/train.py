@@ -7,12 +7,15 @@ Only the NP parameters train (the base model is frozen and never copied). Layer-
 feeds every NPT layer the original model's input to that layer and fits its output; all
 converted layers train in the same step, each on its own input. End-to-end mode fits the
 NPT model's final normed hidden states to the original's. ``<out>/npt.pt`` is saved atomically
-every ``--save-every`` steps and at the end; ``--resume`` continues from it."""
+every ``--save-every`` steps, at the end, and when Ctrl-C stops the run after its current
+step; ``--resume`` continues from it."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.config import ModelConfig
-from engine.shards import write_json_atomic
+from engine.config import ConfigError, ModelConfig
+from engine.prompts import PromptError
+from engine.shards import ShardError, atomic_write, write_json_atomic
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import NPTConfig, freeze_all_but_np, parse_convert_layers
-from npt.checkpoint import CHECKPOINT_NAME, NPTCheckpoint
+from npt.checkpoint import CHECKPOINT_NAME, CheckpointError, NPTCheckpoint
 from npt.data import batch_at, load_windows
 from npt.evaluate import EVAL_NAME, evaluate
 from npt.losses import fidelity, regularizer
@@ -188,13 +192,52 @@ def prepare(args: argparse.Namespace) -> tuple[EquivalenceTrainer, torch.Tensor,
     return EquivalenceTrainer(args, ckpt), windows, val[: args.eval_windows].to(args.device)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train to ``--max-steps``, checkpoint, evaluate; returns the evaluation."""
+class StopRequest:
+    """Ctrl-C asks the run to stop after its current step, so the checkpoint saved then holds
+    whole optimizer steps; a second Ctrl-C stops at once (the last checkpoint stays)."""
+
+    def __init__(self):
+        self.asked = False
+
+    def __enter__(self) -> StopRequest:
+        self.previous = signal.signal(signal.SIGINT, self._ask)
+        return self
+
+    def _ask(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        tqdm.write("stopping after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def trim_log(path: Path, steps: int) -> None:
+    """Keep the log rows of the steps the checkpoint holds: a run killed between
+    checkpoints logged steps (and maybe half a line) that the resumed run does again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= steps:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with atomic_write(path) as f:
+        f.writelines(kept)
+
+
+def train(args: argparse.Namespace) -> dict | None:
+    """Train to ``--max-steps``, checkpoint, evaluate; returns the evaluation (None when
+    Ctrl-C stopped the run early)."""
     trainer, windows, val = prepare(args)
+    trim_log(args.out / LOG_NAME, trainer.steps)
     run = open_wandb(args)
     bar = tqdm(total=args.max_steps, initial=trainer.steps, desc="npt equivalence", unit="step")
-    with open(args.out / LOG_NAME, "a") as log:
-        while trainer.steps < args.max_steps:
+    with open(args.out / LOG_NAME, "a") as log, StopRequest() as stop:
+        while trainer.steps < args.max_steps and not stop.asked:
             row = trainer.step(windows)
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -204,8 +247,11 @@ def train(args: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.4g}", fid=f"{row['fidelity']:.4g}")
             if trainer.steps % args.save_every == 0:
                 trainer.save()
-    bar.close()
-    trainer.save()
+        bar.close()
+        trainer.save()
+    if stop.asked:
+        print(f"interrupted at step {trainer.steps}: {args.out / CHECKPOINT_NAME} saved; --resume continues")
+        return None
     result = {"step": trainer.steps, **evaluate(trainer.model, val, args.batch_size)}
     write_json_atomic(args.out / EVAL_NAME, result)
     if run is not None:
@@ -214,10 +260,17 @@ def train(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    result = train(parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = train(parse_args(argv))
+    except (PromptError, ShardError, ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result is None:
+        return 130
     print(json.dumps({k: result[k] for k in ("step", "ppl_base", "ppl_npt", "ppl_ratio")}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

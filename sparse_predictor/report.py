@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from engine.shards import atomic_write  # noqa: E402
 from sparse_predictor.results import read_metrics, section  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -241,9 +242,10 @@ def write_report(out_dir: str | Path) -> Path:
         sec = section(metrics, kind)
         if sec is not None:
             lines += kind_lines(sec, kind, out)
-    lines += ["## Embedding drift", "", *drift_lines(metrics["drift"], out)]
+    lines += ["## Embedding drift", "", *drift_lines(metrics.get("drift", {"layers": {}}), out)]
     path = out / REPORT_FILE
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
     return path
 
 

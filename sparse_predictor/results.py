@@ -30,8 +30,9 @@ def section(metrics: dict, kind: str) -> dict | None:
     return metrics.get(kind)
 
 
-def write_metrics(out_dir: str | Path, kind: str, layers: dict, config: dict, drift: dict) -> Path:
-    """Store one kind's results next to what another kind's run left, atomically."""
+def write_metrics(out_dir: str | Path, kind: str, layers: dict, config: dict, drift: dict | None) -> Path:
+    """Store one kind's results next to what another kind's run left, atomically;
+    ``drift`` None keeps what is there (a run's finished layers, before drift is measured)."""
     path = Path(out_dir) / METRICS_FILE
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     entry = {"layers": layers, "config": config}
@@ -39,6 +40,8 @@ def write_metrics(out_dir: str | Path, kind: str, layers: dict, config: dict, dr
         metrics.update(entry)
     else:
         metrics[kind] = entry
-    metrics.update(format=FORMAT, drift=drift)
+    metrics["format"] = FORMAT
+    if drift is not None:
+        metrics["drift"] = drift
     write_json_atomic(path, metrics)
     return path

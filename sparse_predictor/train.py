@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, ModelConfig
-from engine.shards import ShardError
+from engine.shards import ShardError, atomic_write
 from sparse_predictor.data import CollectError, Collection, split_rows
 from sparse_predictor.drift import embedding_drift
 from sparse_predictor.labels import abs_quantile, heads_kept
@@ -120,20 +120,21 @@ def train_one(args: argparse.Namespace, collection: Collection, config: ModelCon
         "best_epoch": result.best_epoch,
         "checkpoint": f"{args.kind}_layer_{layer}.pt",
     }
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "kind": args.kind,
-            "layer": layer,
-            "state_dict": result.state_dict,
-            "threshold": task.threshold,
-            "heads_kept": task.keep,
-            "input": {"stem": task.x_stem, "norm": task.norm_key, "rms_norm_eps": config.rms_norm_eps},
-            "shape": {"in": config.hidden_size, "rank": args.D, "out": width},
-            "metrics": entry,
-        },
-        args.out / entry["checkpoint"],
-    )
+    with atomic_write(args.out / entry["checkpoint"], "wb") as f:
+        torch.save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "kind": args.kind,
+                "layer": layer,
+                "state_dict": result.state_dict,
+                "threshold": task.threshold,
+                "heads_kept": task.keep,
+                "input": {"stem": task.x_stem, "norm": task.norm_key, "rms_norm_eps": config.rms_norm_eps},
+                "shape": {"in": config.hidden_size, "rank": args.D, "out": width},
+                "metrics": entry,
+            },
+            f,
+        )
     return entry
 
 
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> Path:
     check_model(collection, config, args.model_name)
     layers = resolve_layers(args.layers, collection)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {str(layer): train_one(args, collection, config, layer) for layer in layers}
+    results = {}
+    for layer in layers:  # metrics after each layer: an interrupted run keeps the finished ones
+        results[str(layer)] = train_one(args, collection, config, layer)
+        write_metrics(args.out, args.kind, results, run_config(args), drift=None)
     drift = embedding_drift(collection, args.drift_rows)
     path = write_metrics(args.out, args.kind, results, run_config(args), drift)
     report = write_report(args.out)
@@ -158,8 +162,18 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with errors and Ctrl-C as one line each, not a traceback."""
     try:
-        main()
+        main(argv)
     except (CollectError, ConfigError, ShardError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the finished layers' checkpoints and metrics.json are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
