@@ -95,9 +95,22 @@ def _recorded_rows(collect_dir: Path) -> int | None:
 
 
 @contextmanager
-def _locked(collect_dir: Path):
+def _locked(collect_dir: Path, timeout: float):
+    """The manifest lock the ranks share. Waiting is bounded: a rank that hangs while
+    holding it (stopped, stuck on a network disk) must not hang the others."""
     with open(collect_dir / LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CollectError(
+                        f"{collect_dir / LOCK}: another process has held the manifest lock for {timeout:g} s"
+                        " (a hung rank?)"
+                    ) from None
+                time.sleep(0.01)
         try:
             yield
         finally:
@@ -119,12 +132,14 @@ class ActivationCollector:
         capacity: int = 400_000,
         resume: bool = False,
         flush_seconds: float = 30.0,
+        lock_timeout: float = 300.0,
     ):
         self.dir = Path(collect_dir)
         self.layers, self.dtype, self.capacity = list(layers), np.dtype(dtype), capacity
         self.torch_dtype = getattr(torch, self.dtype.name)
         self.widths = array_widths(config)
         self.flush_seconds, self._last_flush = flush_seconds, time.monotonic()
+        self.lock_timeout = lock_timeout
         header = {
             "format": FORMAT_VERSION,
             "dtype": self.dtype.name,
@@ -159,7 +174,7 @@ class ActivationCollector:
         """Create the manifest (the first rank to get here), or check one made by another
         rank of this run or being resumed; return the first row to write."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with _locked(self.dir):
+        with _locked(self.dir, self.lock_timeout):
             path = self.dir / MANIFEST
             fresh = {**header, "rows": {}, "full": False, "inputs": [input_path]}
             if not path.exists():
@@ -222,7 +237,7 @@ class ActivationCollector:
         self._writer.drain()
         for file in self.files.values():
             file.sync()
-        with _locked(self.dir):
+        with _locked(self.dir, self.lock_timeout):
             path = self.dir / MANIFEST
             manifest = json.loads(path.read_text())
             manifest["rows"].update({str(layer): n for layer, n in self.rows.items()})

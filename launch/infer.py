@@ -168,6 +168,7 @@ def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelCo
             args.collect_capacity,
             args.collect_resume,
             args.collect_flush_seconds,
+            args.dist_timeout,
         )
         return {"collector": collector}
     if plan.model_type == NPT_TYPE:

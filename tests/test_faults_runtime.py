@@ -86,9 +86,12 @@ def test_survivor_stops_by_itself(tiny_shard_dir, reference, tmp_path, fault):
         run.kill_all()
     err = run.logs[0].read_text()
     assert code == 1, err[-3000:]
-    assert "error (rank 0): lost contact while receiving from rank 1" in err, err[-3000:]
-    if fault == signal.SIGSTOP:
-        assert f"--dist-timeout {TIMEOUT} s" in err
+    if fault == signal.SIGKILL:
+        assert "error (rank 0): lost contact while receiving from rank 1: its connection closed" in err, err[-3000:]
+    else:  # rank 0 waits on rank 1's messages, or on the manifest lock if rank 1 stopped holding it
+        hung = [f"lost contact while receiving from rank 1: nothing arrived within --dist-timeout {TIMEOUT} s"]
+        hung.append(f"another process has held the manifest lock for {TIMEOUT} s")
+        assert any(f"error (rank 0): {message}" in err for message in hung), err[-3000:]
         assert seconds >= TIMEOUT - 1
     assert_nothing_half_written(run)
     assert_published_rows_are_valid(run.collect_dir, reference)
@@ -178,3 +181,23 @@ def test_file_size_limit_at_start_then_rerun(tiny_shard_dir, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     rows = set(read_dataset(collect_dir)[0]["rows"].values())
     assert len(rows) == 1 and rows.pop() > 0
+
+
+def test_manifest_lock_held_by_a_hung_rank_times_out(tiny_shard_dir, tmp_path):
+    """A rank stopped while holding the shared manifest lock must not hang the others' flushes."""
+    import fcntl
+
+    from engine.collector import LOCK, ActivationCollector, CollectError
+    from engine.config import ModelConfig
+
+    config = ModelConfig.from_model_dir(tiny_shard_dir)
+    collect_dir = tmp_path / "collect"
+    collector = ActivationCollector(collect_dir, [0], [0, 1], config, tiny_shard_dir, "p.jsonl", lock_timeout=0.5)
+    collector.open()
+    with open(collect_dir / LOCK, "w") as other_rank:  # another open file: flock conflicts as between processes
+        fcntl.flock(other_rank, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(CollectError, match="held the manifest lock for 0.5 s"):
+            collector.flush()
+        assert time.monotonic() - start < 5
+    collector.close()  # the lock is free again: publishing works
