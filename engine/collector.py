@@ -176,7 +176,12 @@ class ActivationCollector:
         self.dir.mkdir(parents=True, exist_ok=True)
         with _locked(self.dir, self.lock_timeout):
             path = self.dir / MANIFEST
-            fresh = {**header, "rows": {}, "full": False, "inputs": [input_path]}
+            fresh = {
+                **header,
+                "rows": {str(layer): 0 for layer in header["layers"]},
+                "full": False,
+                "inputs": [input_path],
+            }
             if not path.exists():
                 _write_manifest(path, fresh)
                 return 0
