@@ -98,6 +98,8 @@ class TorchDistCommunicator:
             who = f"rank {peer}" if peer is not None else "the other ranks"
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
                 why = f"nothing arrived within --dist-timeout {self.timeout_seconds:g} s (is it hung?)"
-            else:
+            elif peer is not None:
                 why = "its connection closed (did it fail? see its own error)"
+            else:
+                why = "a connection closed (did a rank fail? see its error)"
             raise PeerError(f"lost contact while {doing} {who}: {why}") from e
