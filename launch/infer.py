@@ -8,7 +8,6 @@ Run without torchrun it is a single-stage pipeline (``--pp-degree 1``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import signal
@@ -26,7 +25,7 @@ from engine.collector import ActivationCollector, CollectError, check_collect_di
 from engine.comm import BACKENDS, PeerError, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
-from engine.shards import ShardError, shard_filename, verify_manifest
+from engine.shards import ShardError, shard_filename, verify_manifest, write_json_atomic
 from modules.llama import LlamaEmbeddings, LlamaLMHead
 from modules.registry import BUILDERS, BlockSpec, build_block
 from npt.checkpoint import CheckpointError, NPTCheckpoint
@@ -318,7 +317,7 @@ def drive(args, stage: Stage, comm, tokenizer, sequences, pp: int):
                 "tokens_per_second": round(generated / loop_seconds, 3) if loop_seconds else 0.0,
                 "ranks": all_stats,
             }
-            Path(args.stats_path).write_text(json.dumps(stats, indent=2) + "\n")
+            write_json_atomic(args.stats_path, stats)
 
     return finish
 
