@@ -58,11 +58,11 @@ def assert_nothing_half_written(run) -> None:
 
 def test_killed_rank_under_torchrun(tiny_shard_dir, reference, tmp_path):
     """SIGKILL of rank 1 mid-decode: torchrun reports it and stops rank 0, which keeps its rows."""
-    run = start_torchrun(tiny_shard_dir, tmp_path, 2)
+    run = start_torchrun(tiny_shard_dir, tmp_path, 2, ["--dist-timeout", str(TIMEOUT)])
     try:
         wait_until_decoding(run, PROGRESS_ROWS)
         os.kill(rank_pid(run, 1), signal.SIGKILL)
-        codes, _ = run.wait(60)
+        codes, _ = run.wait(TIMEOUT + 30)
     finally:
         run.kill_all()
     assert codes[0] not in (0, None)
