@@ -160,7 +160,7 @@ class ActivationCollector:
     def open(self) -> ActivationCollector:
         """Create (or reopen, when resuming) the manifest and this rank's files. Called once
         every rank has started, so a run that fails at start writes nothing."""
-        start = self._open_manifest(self.header, self.input_path, self.resume)
+        start = self._open_manifest()
         self.rows = {layer: start for layer in self.layers}
         self._warn_disk_space()
         for layer in self.layers:
@@ -170,9 +170,10 @@ class ActivationCollector:
         self._writer = BackgroundWriter(self.torch_dtype, max_pending=len(self.files))  # about one step
         return self
 
-    def _open_manifest(self, header: dict, input_path: str, resume: bool) -> int:
+    def _open_manifest(self) -> int:
         """Create the manifest (the first rank to get here), or check one made by another
         rank of this run or being resumed; return the first row to write."""
+        header, input_path = self.header, self.input_path
         self.dir.mkdir(parents=True, exist_ok=True)
         with _locked(self.dir, self.lock_timeout):
             path = self.dir / MANIFEST
@@ -187,8 +188,8 @@ class ActivationCollector:
                 return 0
             manifest = json.loads(path.read_text())
             mismatch = _header_mismatch(manifest, header)
-            if not resume:
-                if mismatch and _recorded_rows(self.dir) == 0:  # left by a run that failed at start
+            if not self.resume:
+                if mismatch and not any(manifest["rows"].values()):  # left by a run that failed at start
                     _write_manifest(path, fresh)
                 elif mismatch:
                     raise CollectError(f"{path}: another run started collecting here ({mismatch})")

@@ -64,9 +64,6 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
     """All rows or nothing: a failed run (or a full disk) leaves no results file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_write(path) as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write the results: {e.strerror}", str(path)) from None
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -214,8 +214,10 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -86,7 +86,7 @@ def make_sequences(
     it, or with ``truncate`` keeps its end (room left for its new tokens), with a warning."""
     sequences = []
     for i, request in enumerate(requests):
-        where = request.where or f"{source}: prompt {request.id!r}"
+        where = request.where or source
         ids = tokenizer(request.prompt)["input_ids"]
         if not ids:
             raise PromptError(f"{where}: prompt {request.id!r} is empty after tokenization")
