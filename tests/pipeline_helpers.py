@@ -78,6 +78,9 @@ def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
     for layer in manifest["layers"]:
         rows = manifest["rows"][str(layer)]
         for name in NAMES:
+            if rows == 0:  # the rank may have died before it created its files
+                data[name, layer] = np.zeros((0, widths[name]), dtype=np.float32)
+                continue
             mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
             data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
     return manifest, data
