@@ -27,12 +27,14 @@ from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
 from engine.shards import ShardError, shard_filename, verify_manifest, write_json_atomic
 from modules.llama import LlamaEmbeddings, LlamaLMHead
+from modules.llama_sparse import SPARSE_MODES, SparseSettings, check_sparsity
 from modules.registry import BUILDERS, BlockSpec, build_block
 from npt.checkpoint import CheckpointError, NPTCheckpoint
 from pipeline.generation import GenerationRules, make_micro_batches, make_sequences
 from pipeline.plan import PlanError, StagePlan, make_plans
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.stage import Stage
+from sparse_predictor.inference import load_predictors, teal_thresholds
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 USER_ERRORS = (
@@ -45,7 +47,7 @@ USER_ERRORS = (
     ValueError,
     OSError,  # e.g. a full disk; the message names the file
 )
-SAVE_TYPE, NPT_TYPE = "llama-save", "llama-npt"
+SAVE_TYPE, NPT_TYPE, SPARSE_TYPE = "llama-save", "llama-npt", "llama-sparse"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +97,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--verify-shards", action="store_true", help="check each stage's shard files against the manifest's sha256"
     )
     p.add_argument("--npt-checkpoint", help="npt.pt from python -m npt.train, for llama-npt stages")
+    sparse = p.add_argument_group("sparse inference (llama-sparse stages)")
+    sparse.add_argument("--sparse-mode", choices=SPARSE_MODES, default="predictor", help="how units are selected")
+    sparse.add_argument(
+        "--mlp-sparsity", type=_fraction, default=0.5, help="fraction of the MLP's weights skipped per token, in [0, 1)"
+    )
+    sparse.add_argument("--predictor-dir", help="predictor mode: the output of python -m sparse_predictor.train")
+    sparse.add_argument("--sparse-calibration", help="teal mode: a llama-save collect dir of the same model")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stage-model-types: unknown type {unknown[0]!r} (choose from {', '.join(BUILDERS)})")
     if args.dist_timeout <= 0:
         p.error("--dist-timeout must be positive")
+    if SPARSE_TYPE in args.stage_types and args.mlp_sparsity > 0:
+        needed = {"predictor": "--predictor-dir", "teal": "--sparse-calibration"}.get(args.sparse_mode)
+        if needed and not getattr(args, needed[2:].replace("-", "_")):
+            p.error(f"--sparse-mode {args.sparse_mode} needs {needed}")
     return args
 
 
@@ -120,6 +133,14 @@ def _count(minimum: int):
 
     parse.__name__ = "integer"  # argparse's message names the type
     return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a sparsity in [0, 1)."""
+    try:
+        return check_sparsity(float(text), "the sparsity")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def verify_stage_files(plan: StagePlan, model_dir: Path) -> None:
@@ -170,11 +191,23 @@ def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelCo
             args.dist_timeout,
         )
         return {"collector": collector}
+    if plan.model_type == SPARSE_TYPE:
+        return {"sparse": sparse_settings(args, list(plan.layers), config, model_dir)}
     if plan.model_type == NPT_TYPE:
         if not args.npt_checkpoint:
             raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
         return {"npt_checkpoint": NPTCheckpoint.load(args.npt_checkpoint)}
     return {}
+
+
+def sparse_settings(args, layers: list[int], config: ModelConfig, model_dir: Path) -> SparseSettings:
+    """The selection of this stage's sparse layers: predictors or TEAL thresholds, checked."""
+    settings = SparseSettings(args.sparse_mode, args.mlp_sparsity)
+    if args.mlp_sparsity > 0 and args.sparse_mode == "predictor":
+        settings.predictors = load_predictors(args.predictor_dir, layers, config)
+    if args.mlp_sparsity > 0 and args.sparse_mode == "teal":
+        settings.thresholds = teal_thresholds(args.sparse_calibration, model_dir, config, layers, args.mlp_sparsity)
+    return settings
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock
 from modules.llama_save import LlamaSaveBlock
+from modules.llama_sparse import LlamaSparseBlock
 
 
 @dataclass
@@ -43,7 +44,18 @@ def _save(spec: BlockSpec) -> nn.Module:
     return block
 
 
-BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {"llama": _plain, "llama-save": _save, "llama-npt": _npt}
+def _sparse(spec: BlockSpec) -> nn.Module:
+    block = LlamaSparseBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
+    block.use(spec.options["sparse"].mlp_for(spec.layer_index, block.mlp))
+    return block
+
+
+BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {
+    "llama": _plain,
+    "llama-save": _save,
+    "llama-npt": _npt,
+    "llama-sparse": _sparse,
+}
 
 
 def build_block(model_type: str, spec: BlockSpec) -> nn.Module:
