@@ -209,6 +209,8 @@ def test_killed_run_leaves_a_readable_dataset(tiny_shard_dir, tmp_path):
         "--collect-flush-seconds",
         "0",
         "--no-progress",
+        "--threads",  # as many as the reference run in this process: the same sums, bit for bit
+        str(torch.get_num_threads()),
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     manifest_path = collect_dir / "manifest.json"
