@@ -90,6 +90,15 @@ def tokenizer_for_tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny_hf_dir):
+    """The tiny model as HF transformers loads it, and its tokenizer: the independent reference.
+    Shared by the session: a test that hooks or changes it must undo that."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_shard_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     from converters.convert_llama_checkpoint import convert
 

@@ -81,13 +81,6 @@ def assert_rows_match(data, expected, layers, some=False):
         np.testing.assert_allclose(data[key], want, rtol=2e-3, atol=2e-3 * scale, err_msg=str(key))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_hf_dir):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
-
-
 def save_args(collect_dir) -> list[str]:
     """The collection settings every test here starts from."""
     return [
