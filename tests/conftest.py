@@ -98,6 +98,17 @@ def tiny_model(tiny_hf_dir):
     return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if launch/infer.py would build a stage: its error must come before any heavy work."""
+    import launch.infer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage was loaded before the error was found")
+
+    monkeypatch.setattr(launch.infer, "build_stage", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_shard_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     from converters.convert_llama_checkpoint import convert

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from pipeline_helpers import run_infer, write_prompts
+from pipeline_helpers import infer_args, run_infer, torchrun, write_prompts
 
 from engine.config import ModelConfig
 from modules.llama_npt import LlamaNPTBlock, NPTConfig
@@ -132,3 +132,41 @@ def test_npt_stage_without_checkpoint_is_an_error(tiny_shard_dir, tmp_path, caps
     assert "--npt-checkpoint" in capsys.readouterr().err
     assert main([*args, "--npt-checkpoint", str(tmp_path / "missing.pt")]) != 0
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_npt_layers_on_a_stage_of_another_type_are_an_error(tiny_shard_dir, npt_on_both_stages, tmp_path, capsys):
+    """Checkpoint layer 1 on stage 0, which runs plain llama: an error naming the layer, the
+    stage and its type, before any stage loads; never the layer silently run as the original."""
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    out = tmp_path / "o.jsonl"
+    npt = ["--npt-checkpoint", str(npt_on_both_stages)]
+    mixed = infer_args(
+        tiny_shard_dir, prompts, out, ["--pp-degree", "2", "--stage-model-types", "llama,llama-npt", *npt]
+    )
+    result = torchrun(2, mixed, timeout=120)
+    assert result.returncode != 0
+    for rank in (0, 1):  # every rank finds it, before the process group
+        message = f"error (rank {rank}): {npt_on_both_stages}: converts layers [1], which stage 0 (rank 0, layers 0-1)"
+        assert f"{message} runs as 'llama', not 'llama-npt'" in result.stderr, result.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_npt_checkpoint_with_no_npt_stage_is_an_error(
+    tiny_shard_dir, npt_on_both_stages, tmp_path, capsys, no_model_loading
+):
+    from launch.infer import main
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    for model_type in ("llama", "llama-save"):
+        extra = [
+            "--model-type",
+            model_type,
+            "--npt-checkpoint",
+            str(npt_on_both_stages),
+            "--collect-dir",
+            str(tmp_path / "c"),
+        ]
+        assert main(infer_args(tiny_shard_dir, prompts, tmp_path / "o.jsonl", extra)) == 1
+        err = capsys.readouterr().err
+        assert f"converts layers [1, 2], which stage 0 (rank 0, layers 0-3) runs as '{model_type}'" in err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "c").exists()
