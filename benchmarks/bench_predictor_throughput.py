@@ -24,9 +24,9 @@ from sparse_predictor.trainer import LayerData, Settings, train_layer
 def read_rate(data: LayerData, settings: Settings) -> float:
     """Rows per second of streaming, normalizing and labelling alone."""
     start = time.perf_counter()
-    for _ in data.batches(data.train_rows, settings.batch_size, settings.device):
+    for _ in data.batches(data.split.train, settings.batch_size, settings.device):
         pass
-    return len(data.train_rows) / (time.perf_counter() - start)
+    return len(data.split.train) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,15 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", config)
         collection = Collection.open(write_collection(Path(tmp) / "data", model_dir, [0], args.rows))
-        train, val = split_rows(args.rows, 0.1, seed=0)
-        threshold, _ = abs_quantile(collection, collection.array("mlp_label", 0), train, 0.5, seed=0)
+        split = split_rows(args.rows, 0.1, 0.1, seed=0)
+        threshold, _ = abs_quantile(collection, collection.array("mlp_label", 0), split.train, 0.5, seed=0)
         settings = Settings(epochs=1, batch_size=args.batch_size, device=args.device)
         print(
             f"{args.rows} rows, hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}, D {args.D}, "
             f"batch {args.batch_size}, {args.threads} threads, {args.device}"
         )
         for task in (Task.mlp(threshold, lookahead=False), Task.att(heads_kept(args.heads, 0.5))):
-            data = LayerData.open(collection, task, model_dir, config, 0, train, val)
+            data = LayerData.open(collection, task, model_dir, config, 0, split)
             predictor = low_rank_predictor(args.hidden, args.D, data.y.shape[1])
             result = train_layer(predictor, data, settings, name=f"bench {task.kind}")
             print(

@@ -174,7 +174,29 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
     }
 
 
-def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path) -> dict:
+def load_npt_checkpoint(path: str | None, plans: list[StagePlan], config: ModelConfig) -> NPTCheckpoint | None:
+    """The NPT checkpoint, once it is known to fit the model and every layer it converts
+    to run on an NPT stage: on any other stage the layer would silently run as the original."""
+    if path is None:
+        if any(plan.model_type == NPT_TYPE for plan in plans):
+            raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
+        return None
+    checkpoint = NPTCheckpoint.load(path)
+    checkpoint.check_fits(config)
+    for plan in plans:
+        dropped = [layer for layer in checkpoint.config.layers if layer in plan.layers]
+        if dropped and plan.model_type != NPT_TYPE:
+            raise CheckpointError(
+                f"{checkpoint.source}: converts layers {dropped}, which stage {plan.rank} (rank {plan.rank}, layers"
+                f" {plan.layers.start}-{plan.layers.stop - 1}) runs as {plan.model_type!r}, not {NPT_TYPE!r}:"
+                " they would run as the original layers; make that stage llama-npt (--stage-model-types)"
+            )
+    return checkpoint
+
+
+def block_options(
+    args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path, npt: NPTCheckpoint | None
+) -> dict:
     """What this stage's block type needs beyond the shards: a collector, an NPT checkpoint."""
     if plan.model_type == SAVE_TYPE:
         collector = ActivationCollector(
@@ -194,9 +216,7 @@ def block_options(args, plan: StagePlan, save_layers: list[int], config: ModelCo
     if plan.model_type == SPARSE_TYPE:
         return {"sparse": sparse_settings(args, list(plan.layers), config, model_dir)}
     if plan.model_type == NPT_TYPE:
-        if not args.npt_checkpoint:
-            raise ValueError(f"{NPT_TYPE} stages need --npt-checkpoint")
-        return {"npt_checkpoint": NPTCheckpoint.load(args.npt_checkpoint)}
+        return {"npt_checkpoint": npt}
     return {}
 
 
@@ -234,12 +254,13 @@ def run(args: argparse.Namespace) -> None:
         if not args.collect_dir:
             raise ValueError(f"{SAVE_TYPE} stages need --collect-dir")
         check_collect_dir(Path(args.collect_dir), args.collect_resume)  # every rank, before any writes
+    npt = load_npt_checkpoint(args.npt_checkpoint, plans, config)
     backend = args.dist_backend or default_backend()
     device = device_for(backend)
 
     comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
     stage, collector, driver_inputs = start_together(
-        comm, lambda: load_stage(args, plan, save_layers, config, model_dir, device)
+        comm, lambda: load_stage(args, plan, save_layers, config, model_dir, npt, device)
     )
     start = time.perf_counter()
     try:
@@ -264,13 +285,21 @@ def run(args: argparse.Namespace) -> None:
         comm.close()
 
 
-def load_stage(args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path, device):
+def load_stage(
+    args,
+    plan: StagePlan,
+    save_layers: list[int],
+    config: ModelConfig,
+    model_dir: Path,
+    npt: NPTCheckpoint | None,
+    device,
+):
     """Rank 0 reads the prompts first (bad input fails before any model loads); every rank
     then checks and loads its own shard files. Nothing is written yet."""
     driver_inputs = prepare_inputs(args, model_dir, config) if plan.is_first else None
     if args.verify_shards:
         verify_stage_files(plan, model_dir)
-    options = block_options(args, plan, save_layers, config, model_dir)
+    options = block_options(args, plan, save_layers, config, model_dir, npt)
     stage = build_stage(plan, model_dir, config, args.dtype, device, options)
     return stage, options.get("collector"), driver_inputs
 

@@ -30,9 +30,9 @@ WIDTH_FIELDS = {
 #: are mapped as uint16 and reinterpreted by torch.
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 
-#: Validation holds out whole blocks of consecutive rows (at most this many per block):
-#: neighbouring tokens of one prompt are near copies, so a row-level split would
-#: validate on the training rows' twins.
+#: Validation and test hold out whole blocks of consecutive rows (at most this many per
+#: block): neighbouring tokens of one prompt are near copies, so a row-level split would
+#: measure on the training rows' twins.
 MAX_SPLIT_BLOCK = 512
 MIN_SPLIT_BLOCKS = 100
 
@@ -137,21 +137,50 @@ class Collection:
             yield [self.read(array, batch) for array in arrays]
 
 
-def split_rows(num_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint, sorted (train, validation) row indices covering ``range(num_rows)``.
+@dataclass(frozen=True)
+class RowSplit:
+    """Disjoint, sorted row indices covering ``range(num_rows)``: ``train`` fits the
+    predictor, ``val`` picks its best epoch, ``test`` (used for nothing else) measures it.
+    ``definition`` is JSON that recomputes them without this code: block ``b`` holds rows
+    ``b * block_rows`` up to ``(b + 1) * block_rows`` (the last block may be shorter), the
+    listed blocks are validation and test, every other block is training."""
 
-    A seeded permutation of blocks of consecutive rows chooses the validation blocks, so
-    the split is reproducible, spread over the whole collection (not only its end, where
-    the longest generations sit) and never shares a block with training."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if num_rows < 2:
-        raise ValueError(f"need at least 2 rows to split into train and validation, got {num_rows}")
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    definition: dict
+
+
+def split_rows(num_rows: int, val_fraction: float, test_fraction: float, seed: int) -> RowSplit:
+    """Split ``num_rows`` into training, validation and test rows by whole blocks.
+
+    A seeded permutation of blocks of consecutive rows chooses the test blocks (its first
+    ones) and then the validation blocks, so the split is reproducible, spread over the
+    whole collection (not only its end, where the longest generations sit), never shares
+    a block between two parts, and the test rows do not depend on ``val_fraction``."""
+    if not (0.0 < val_fraction < 1.0 and 0.0 < test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise ValueError(
+            f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, got {val_fraction}, {test_fraction}"
+        )
+    if num_rows < 3:
+        raise ValueError(f"need at least 3 rows to split into train, validation and test, got {num_rows}")
     block = max(1, min(MAX_SPLIT_BLOCK, num_rows // MIN_SPLIT_BLOCKS))
     num_blocks = -(-num_rows // block)
-    num_val = min(max(1, round(num_blocks * val_fraction)), num_blocks - 1)
-    is_val_block = np.zeros(num_blocks, dtype=bool)
-    is_val_block[np.random.default_rng(seed).permutation(num_blocks)[:num_val]] = True
-    is_val = np.repeat(is_val_block, block)[:num_rows]
+    num_test = min(max(1, round(num_blocks * test_fraction)), num_blocks - 2)
+    num_val = min(max(1, round(num_blocks * val_fraction)), num_blocks - 1 - num_test)
+    order = np.random.default_rng(seed).permutation(num_blocks)
+    test_blocks, val_blocks = np.sort(order[:num_test]), np.sort(order[num_test : num_test + num_val])
+    part = np.zeros(num_blocks, dtype=np.int8)  # 0 train, 1 validation, 2 test
+    part[val_blocks], part[test_blocks] = 1, 2
+    of_row = np.repeat(part, block)[:num_rows]
     rows = np.arange(num_rows)
-    return rows[~is_val], rows[is_val]
+    definition = {
+        "num_rows": num_rows,
+        "block_rows": block,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "val_blocks": val_blocks.tolist(),
+        "test_blocks": test_blocks.tolist(),
+    }
+    return RowSplit(rows[of_row == 0], rows[of_row == 1], rows[of_row == 2], definition)

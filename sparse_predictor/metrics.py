@@ -1,5 +1,6 @@
-"""Honest predictor metrics: fractions pooled over every (token, neuron) pair of the
-validation rows, never DejaVu's averages of counts.
+"""Honest predictor metrics: fractions pooled over every (token, neuron) pair of the rows
+measured (validation rows to pick an epoch, test rows for what is reported), never
+DejaVu's averages of counts.
 
 Recall at the 0.5 decision threshold can be bought by predicting more neurons active,
 so two threshold-free numbers come with it: recall when the predictor keeps exactly as
@@ -34,7 +35,7 @@ def _ratio(numerator: int, denominator: int) -> float | None:
 
 
 class MetricAccumulator:
-    """Sums over validation batches; ``result()`` turns them into fractions."""
+    """Sums over batches of rows; ``result()`` turns them into fractions."""
 
     def __init__(self, width: int, grid: tuple[float, ...] = SPARSITY_GRID):
         self.width, self.grid = width, grid

@@ -3,7 +3,9 @@
     python -m sparse_predictor.train --data-dir DIR --model-name MODEL_DIR --out OUT \\
         [--layers 0,15,29|all] [--kind mlp|att] [--target-sparsity s | --threshold t] ...
 
-Writes ``<kind>_layer_<l>.pt`` per layer, ``metrics.json`` and ``report.md`` with plots."""
+Writes ``<kind>_layer_<l>.pt`` per layer, ``metrics.json`` and ``report.md`` with plots.
+Each layer's rows are split by blocks into training rows, validation rows (which pick the
+best epoch) and test rows, on which alone the reported metrics are measured."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from sparse_predictor.labels import abs_quantile, heads_kept
 from sparse_predictor.predictor import KINDS, Task, low_rank_predictor
 from sparse_predictor.report import write_report
 from sparse_predictor.results import write_metrics
-from sparse_predictor.trainer import SELECT_METRICS, LayerData, Settings, train_layer
+from sparse_predictor.trainer import SELECT_METRICS, LayerData, Settings, evaluate, train_layer
 
 CHECKPOINT_FORMAT = 1
 
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--patience", type=int, default=defaults.patience, help="epochs without improvement before stopping")
     p.add_argument("--select-metric", choices=SELECT_METRICS, default=defaults.select_metric)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="rows (whole blocks) that pick the best epoch")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.1, help="rows (whole blocks) held out to measure the metrics on"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drift-rows", type=int, default=20000, help="tokens sampled for the embedding drift")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,9 +97,9 @@ def make_task(args: argparse.Namespace, collection: Collection, layer: int, trai
 
 def train_one(args: argparse.Namespace, collection: Collection, config: ModelConfig, layer: int) -> dict:
     """Train, checkpoint and describe one layer's predictor."""
-    train_rows, val_rows = split_rows(collection.rows_of(layer), args.val_fraction, args.seed)
-    task, threshold_method = make_task(args, collection, layer, train_rows)
-    data = LayerData.open(collection, task, args.model_name, config, layer, train_rows, val_rows)
+    split = split_rows(collection.rows_of(layer), args.val_fraction, args.test_fraction, args.seed)
+    task, threshold_method = make_task(args, collection, layer, split.train)
+    data = LayerData.open(collection, task, args.model_name, config, layer, split)
     width = data.y.shape[1]
     torch.manual_seed(args.seed + layer)
     predictor = low_rank_predictor(config.hidden_size, args.D, width)
@@ -109,12 +114,15 @@ def train_one(args: argparse.Namespace, collection: Collection, config: ModelCon
     )
     result = train_layer(predictor, data, settings, name=f"{args.kind} layer {layer}")
     entry = {
-        **result.metrics,
+        **evaluate(predictor, data, split.test, settings),  # the best epoch, on rows it never saw
+        "val_at_best_epoch": {k: v for k, v in result.val_metrics.items() if k != "curve"},
         "threshold": task.threshold,
         "threshold_method": threshold_method,
         "heads_kept": task.keep,
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
+        "train_rows": len(split.train),
+        "val_rows": len(split.val),
+        "test_rows": len(split.test),
+        "split": split.definition,
         "rows_per_second": result.rows_per_second,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.kind == "att" and (args.threshold is not None or args.target_sparsity is not None or args.lookahead):
         raise SystemExit("--threshold, --target-sparsity and --lookahead apply to --kind mlp only")
+    if not (args.val_fraction > 0 and args.test_fraction > 0 and args.val_fraction + args.test_fraction < 1):
+        raise SystemExit("--val-fraction and --test-fraction must be positive, with a sum below 1")
     collection = Collection.open(args.data_dir)
     config = ModelConfig.from_model_dir(args.model_name)
     check_model(collection, config, args.model_name)

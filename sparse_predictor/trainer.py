@@ -1,4 +1,5 @@
-"""Train one layer's predictor on rows streamed from disk; keep the best validation epoch."""
+"""Train one layer's predictor on rows streamed from disk; keep the best validation epoch,
+then measure it on test rows that played no part in either."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig
 from modules.llama import RMSNorm
-from sparse_predictor.data import Collection
+from sparse_predictor.data import Collection, RowSplit
 from sparse_predictor.metrics import MetricAccumulator
 from sparse_predictor.predictor import Task, layer_norm
 
@@ -48,8 +49,7 @@ class LayerData:
     norm: RMSNorm
     x: np.ndarray
     y: np.ndarray
-    train_rows: np.ndarray
-    val_rows: np.ndarray
+    split: RowSplit
 
     @classmethod
     def open(
@@ -59,8 +59,7 @@ class LayerData:
         model_dir: str | Path,
         config: ModelConfig,
         layer: int,
-        train_rows: np.ndarray,
-        val_rows: np.ndarray,
+        split: RowSplit,
     ) -> LayerData:
         """Map the layer's arrays for ``task`` and load the norm its input goes through."""
         return cls(
@@ -69,8 +68,7 @@ class LayerData:
             norm=layer_norm(model_dir, layer, task.norm_key, config),
             x=collection.array(task.x_stem, layer),
             y=collection.array(task.label_stem, layer),
-            train_rows=train_rows,
-            val_rows=val_rows,
+            split=split,
         )
 
     def batches(self, rows: np.ndarray, batch_size: int, device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,7 +86,7 @@ class LayerResult:
     rows over training time (streaming from disk included, validation excluded)."""
 
     state_dict: dict[str, torch.Tensor]
-    metrics: dict
+    val_metrics: dict
     epochs_run: int
     best_epoch: int
     rows_per_second: float
@@ -106,12 +104,12 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target.float(), weight=class_weights(target))
 
 
-def evaluate(predictor: nn.Module, data: LayerData, settings: Settings) -> dict:
-    """Metrics over every validation row (see ``metrics.MetricAccumulator``)."""
+def evaluate(predictor: nn.Module, data: LayerData, rows: np.ndarray, settings: Settings) -> dict:
+    """Metrics over every one of ``rows`` (see ``metrics.MetricAccumulator``)."""
     predictor.eval()
     acc = MetricAccumulator(predictor[-1].out_features)
     with torch.no_grad():
-        for inputs, target in data.batches(data.val_rows, settings.batch_size, settings.device):
+        for inputs, target in data.batches(rows, settings.batch_size, settings.device):
             acc.update(predictor(inputs), target)
     return acc.result()
 
@@ -122,7 +120,8 @@ def _synchronize(device: str) -> None:
 
 
 def train_layer(predictor: nn.Module, data: LayerData, settings: Settings, name: str) -> LayerResult:
-    """AdamW on the class-weighted BCE; after each epoch, validate and keep the best state."""
+    """AdamW on the class-weighted BCE; after each epoch, validate and keep the best state,
+    which ``predictor`` holds on return."""
     if settings.select_metric not in SELECT_METRICS:
         raise ValueError(f"select_metric must be one of {SELECT_METRICS}, got {settings.select_metric!r}")
     if settings.epochs < 1:
@@ -130,12 +129,12 @@ def train_layer(predictor: nn.Module, data: LayerData, settings: Settings, name:
     rng = np.random.default_rng(settings.seed)
     predictor.to(settings.device)
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = -(-len(data.train_rows) // settings.batch_size)
+    steps = -(-len(data.split.train) // settings.batch_size)
     best: LayerResult | None = None
     best_score, stale, seconds, rows_seen = -1.0, 0, 0.0, 0
     for epoch in range(1, settings.epochs + 1):
         predictor.train()
-        order = rng.permutation(data.train_rows)
+        order = rng.permutation(data.split.train)
         start = time.perf_counter()
         batches = data.batches(order, settings.batch_size, settings.device)
         for inputs, target in tqdm(batches, total=steps, desc=f"{name} epoch {epoch}/{settings.epochs}", leave=False):
@@ -146,7 +145,7 @@ def train_layer(predictor: nn.Module, data: LayerData, settings: Settings, name:
         _synchronize(settings.device)
         seconds += time.perf_counter() - start
         rows_seen += len(order)
-        metrics = evaluate(predictor, data, settings)
+        metrics = evaluate(predictor, data, data.split.val, settings)
         score = metrics[settings.select_metric] or 0.0
         tqdm.write(
             f"{name} epoch {epoch}: loss {loss.item():.4f} recall {metrics['recall'] or 0:.4f} "
@@ -162,4 +161,5 @@ def train_layer(predictor: nn.Module, data: LayerData, settings: Settings, name:
         if stale >= settings.patience:
             break
     best.rows_per_second = rows_seen / seconds
+    predictor.load_state_dict(best.state_dict)
     return best

@@ -90,6 +90,26 @@ def tokenizer_for_tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tiny_hf_dir):
+    """The tiny model as HF transformers loads it, and its tokenizer: the independent reference.
+    Shared by the session: a test that hooks or changes it must undo that."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if launch/infer.py would build a stage: its error must come before any heavy work."""
+    import launch.infer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage was loaded before the error was found")
+
+    monkeypatch.setattr(launch.infer, "build_stage", refuse)
+
+
+@pytest.fixture(scope="session")
 def tiny_shard_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     from converters.convert_llama_checkpoint import convert
 

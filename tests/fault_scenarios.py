@@ -82,16 +82,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(model_dir: Path, work: Path, nproc: int, extra: list[str]) -> tuple[list[str], Path, Path]:
-    prompts = write_prompts(work / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
+def _args(model_dir: Path, work: Path, nproc: int, extra: list[str], texts: list[str]) -> tuple[list[str], Path, Path]:
+    prompts = write_prompts(work / "prompts.jsonl", [{"prompt": text} for text in texts])
     out, collect_dir = work / "out" / "results.jsonl", work / "collect"
     extra = ["--pp-degree", str(nproc), "--collect-dir", str(collect_dir), *SETTINGS, *extra]
     return infer_args(model_dir, prompts, out, extra), out, collect_dir
 
 
-def start_torchrun(model_dir: Path, work: Path, nproc: int, extra: list[str] = ()) -> Run:
-    """``torchrun --standalone`` with ``nproc`` ranks, as users start the engine."""
-    args, out, collect_dir = _args(model_dir, work, nproc, list(extra))
+def start_torchrun(
+    model_dir: Path, work: Path, nproc: int, extra: list[str] = (), prompts: list[str] = PROMPTS * 3
+) -> Run:
+    """``torchrun --standalone`` with ``nproc`` ranks, as users start the engine; the prompts
+    are written to ``work/prompts.jsonl``."""
+    args, out, collect_dir = _args(model_dir, work, nproc, list(extra), prompts)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(INFER)]
     log = work / "torchrun.err"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -102,7 +105,7 @@ def start_torchrun(model_dir: Path, work: Path, nproc: int, extra: list[str] = (
 def start_ranks(model_dir: Path, work: Path, nproc: int, extra: list[str] = ()) -> Run:
     """One process per rank with no launcher: no agent stops the others when one dies
     (as on a multi-node run), so they must stop by themselves."""
-    args, out, collect_dir = _args(model_dir, work, nproc, list(extra))
+    args, out, collect_dir = _args(model_dir, work, nproc, list(extra), PROMPTS * 3)
     base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs, logs = [], []
     for rank in range(nproc):

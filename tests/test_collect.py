@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import fault_scenarios
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import INFER, NAMES, ROOT, infer_args, read_dataset, run_infer, write_prompts
+from pipeline_helpers import INFER, NAMES, ROOT, hf_greedy, infer_args, read_dataset, run_infer, write_prompts
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -62,23 +63,22 @@ def expected_rows(model, results, tokenizer, layers):
     return {key: np.concatenate(v) for key, v in per_token.items()}
 
 
-def assert_rows_match(data, expected, layers):
-    """Rows may come in any order, but row k must be the same token in every file and layer."""
+def assert_rows_match(data, expected, layers, some=False):
+    """Rows may come in any order, but row k must be the same token in every file and layer:
+    each row is matched to its token on one array, then every array of every layer must
+    equal HF's for that token. The rows are every expected token once, or with ``some``,
+    some of them (none twice)."""
     probe = ("mlp_x", layers[-1])
     dist = torch.cdist(torch.from_numpy(data[probe]), torch.from_numpy(expected[probe]))
     order = dist.argmin(dim=1).numpy()
-    assert sorted(order.tolist()) == list(range(len(expected[probe]))), "collected rows are not a permutation"
+    if some:
+        assert len(set(order.tolist())) == len(order), "a token was collected twice"
+    else:
+        assert sorted(order.tolist()) == list(range(len(expected[probe]))), "collected rows are not a permutation"
     for key, want in expected.items():
         want = want[order]
         scale = np.abs(want).max()
         np.testing.assert_allclose(data[key], want, rtol=2e-3, atol=2e-3 * scale, err_msg=str(key))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_hf_dir):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
 
 
 def save_args(collect_dir) -> list[str]:
@@ -202,6 +202,8 @@ def test_killed_run_leaves_a_readable_dataset(tiny_shard_dir, tmp_path):
         "--collect-flush-seconds",
         "0",
         "--no-progress",
+        "--threads",  # as many as the reference run in this process: the same sums, bit for bit
+        str(torch.get_num_threads()),
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     manifest_path = collect_dir / "manifest.json"
@@ -218,3 +220,39 @@ def test_killed_run_leaves_a_readable_dataset(tiny_shard_dir, tmp_path):
     assert not (tmp_path / "k.jsonl").exists()
     for key, value in data.items():  # the same schedule: the valid rows equal a complete run's first rows
         np.testing.assert_array_equal(value[:rows], ref[key][:rows])
+
+
+def test_resume_after_a_kill_on_two_ranks(tiny_shard_dir, tiny_model, tmp_path):
+    """Rank 1 killed mid-decode (torchrun then stops rank 0, which publishes its rows: its
+    layers may count more rows than rank 1's), then --collect-resume with the same prompts:
+    row k is the same token in every file and layer, and the whole dataset equals HF's
+    activations: the killed run's rows are tokens of its prompts' greedy continuations,
+    the resumed run's rows are every token it fed."""
+    model, tokenizer = tiny_model
+    layers = list(range(model.config.num_hidden_layers))
+    prompts = fault_scenarios.PROMPTS  # distinct prompts: no two tokens share their activations
+    run = fault_scenarios.start_torchrun(tiny_shard_dir, tmp_path, 2, ["--micro-batch-size", "1"], prompts=prompts)
+    try:
+        fault_scenarios.wait_until_decoding(run, rows=60)
+        os.kill(fault_scenarios.rank_pid(run, 1), signal.SIGKILL)
+        codes, _ = run.wait(60)
+    finally:
+        run.kill_all()
+    assert codes[0] not in (0, None), "the run finished before it could be killed"
+    killed = json.loads((run.collect_dir / "manifest.json").read_text())["rows"]
+    kept = min(killed.values())
+    assert kept > 0, killed
+
+    resume = [*fault_scenarios.SETTINGS, "--collect-dir", str(run.collect_dir), "--collect-resume"]
+    prompts_path = tmp_path / "prompts.jsonl"  # the killed run's prompts, a short generation this time
+    results = run_infer(tiny_shard_dir, prompts_path, tmp_path / "resumed.jsonl", 2, [*resume, "--max-new-tokens", "3"])
+    manifest, data = read_dataset(run.collect_dir)
+    fed = sum(len(tokenizer(r["prompt"])["input_ids"]) + len(r["token_ids"]) - 1 for r in results)
+    assert manifest["rows"] == {str(layer): kept + fed for layer in layers}, killed
+
+    never = model.config.vocab_size  # an EOS id no greedy step can produce: as --ignore-eos
+    killed_run = [{"prompt": p, "token_ids": hf_greedy(model, tokenizer, p, kept, eos_token_id=never)} for p in prompts]
+    before = {key: rows[:kept] for key, rows in data.items()}
+    assert_rows_match(before, expected_rows(model, killed_run, tokenizer, layers), layers, some=True)
+    after = {key: rows[kept:] for key, rows in data.items()}
+    assert_rows_match(after, expected_rows(model, results, tokenizer, layers), layers)

@@ -15,16 +15,6 @@ import launch.infer as infer
 PROMPT = '{"prompt": "The quick brown fox"}\n'
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if a stage would be built: these errors must come before any heavy work."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a stage was loaded before the error was found")
-
-    monkeypatch.setattr(infer, "build_stage", refuse)
-
-
 def fails(capsys, tmp_path, model_dir, prompts: bytes | str = PROMPT, extra=()) -> str:
     prompts_path = tmp_path / "bad.jsonl"
     prompts_path.write_bytes(prompts if isinstance(prompts, bytes) else prompts.encode())

@@ -29,15 +29,8 @@ def smollm_reference(smollm_hf_model, smollm_shard_dir):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_and_tokenizer(tiny_hf_dir):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_reference(tiny_model_and_tokenizer):
-    model, tokenizer = tiny_model_and_tokenizer
+def tiny_reference(tiny_model):
+    model, tokenizer = tiny_model
     return [hf_greedy(model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
 
 
@@ -74,9 +67,9 @@ def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, t
     assert [r["token_ids"] for r in rows] == tiny_reference
 
 
-def test_eos_and_max_tokens(tiny_shard_dir, tiny_model_and_tokenizer, tiny_reference, tmp_path):
+def test_eos_and_max_tokens(tiny_shard_dir, tiny_model, tiny_reference, tmp_path):
     """Make a token the model really emits mid-sequence the EOS; HF stops there too."""
-    model, tokenizer = tiny_model_and_tokenizer
+    model, tokenizer = tiny_model
     eos = tiny_reference[1][3]
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_shard_dir, model_dir)

@@ -33,8 +33,11 @@ LAYER_KEYS = {
     "threshold",
     "threshold_method",
     "heads_kept",
+    "val_at_best_epoch",
     "train_rows",
     "val_rows",
+    "test_rows",
+    "split",
     "rows_per_second",
     "epochs_run",
     "best_epoch",
@@ -67,8 +70,8 @@ def raw(data_dir: Path, stem: str, layer: int, width: int) -> np.ndarray:
     return np.fromfile(data_dir / f"{stem}_{layer}.mmap", dtype=np.float16).reshape(CAPACITY, width)[:ROWS]
 
 
-def layer_data(collection: Collection, model_dir: Path, task: Task, layer: int, train, val) -> LayerData:
-    return LayerData.open(collection, task, model_dir, tiny_config(layers=4), layer, train, val)
+def layer_data(collection: Collection, model_dir: Path, task: Task, layer: int, split) -> LayerData:
+    return LayerData.open(collection, task, model_dir, tiny_config(layers=4), layer, split)
 
 
 # ---- data ---------------------------------------------------------------------------
@@ -101,21 +104,37 @@ def test_reads_what_the_save_mode_collector_wrote(tmp_path, model_dir):
         torch.testing.assert_close(got, values[real].half().float())
 
 
+def rows_of_blocks(definition: dict, blocks: str) -> np.ndarray:
+    """The rows a split definition assigns to its listed blocks, recomputed by hand."""
+    size, n = definition["block_rows"], definition["num_rows"]
+    return np.array([r for b in definition[blocks] for r in range(b * size, min((b + 1) * size, n))], dtype=int)
+
+
 def test_split_is_disjoint_deterministic_and_blockwise():
-    train, val = split_rows(10_000, 0.1, seed=3)
-    assert len(np.intersect1d(train, val)) == 0
-    np.testing.assert_array_equal(np.union1d(train, val), np.arange(10_000))
-    assert 0.08 < len(val) / 10_000 < 0.12
-    again_train, again_val = split_rows(10_000, 0.1, seed=3)
-    np.testing.assert_array_equal(val, again_val)
-    np.testing.assert_array_equal(train, again_train)
-    assert not np.array_equal(val, split_rows(10_000, 0.1, seed=4)[1])
-    assert (np.diff(val) == 1).mean() > 0.9  # whole blocks of consecutive tokens
+    split = split_rows(10_000, 0.1, 0.2, seed=3)
+    parts = (split.train, split.val, split.test)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1 :]:
+            assert len(np.intersect1d(a, b)) == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(10_000))
+    assert 0.08 < len(split.val) / 10_000 < 0.12 and 0.18 < len(split.test) / 10_000 < 0.22
+    again = split_rows(10_000, 0.1, 0.2, seed=3)
+    for a, b in zip(parts, (again.train, again.val, again.test)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(split.test, split_rows(10_000, 0.1, 0.2, seed=4).test)
+    np.testing.assert_array_equal(split_rows(10_000, 0.3, 0.2, seed=3).test, split.test)  # test rows stay put
+    for rows in (split.val, split.test):
+        assert (np.diff(rows) == 1).mean() > 0.9  # whole blocks of consecutive tokens
+    np.testing.assert_array_equal(rows_of_blocks(split.definition, "test_blocks"), split.test)
+    np.testing.assert_array_equal(rows_of_blocks(split.definition, "val_blocks"), split.val)
+    assert json.loads(json.dumps(split.definition)) == split.definition
 
 
-def test_small_split_keeps_both_sides():
-    train, val = split_rows(2, 0.5, seed=0)
-    assert len(train) == 1 and len(val) == 1
+def test_small_split_keeps_every_part():
+    split = split_rows(3, 0.5, 0.4, seed=0)
+    assert len(split.train) == len(split.val) == len(split.test) == 1
+    with pytest.raises(ValueError, match="sum below 1"):
+        split_rows(100, 0.5, 0.5, seed=0)
 
 
 def test_unrecorded_or_empty_layer_is_a_clear_error(tmp_path, model_dir):
@@ -162,7 +181,8 @@ def test_predictor_input_is_the_layers_rms_norm(data_dir, model_dir):
         (Task.mlp(0.0, lookahead=False), "mlp_x", "post_attention_layernorm.weight"),
         (Task.mlp(0.0, lookahead=True), "att_x", "input_layernorm.weight"),
     ]:
-        inputs, _ = next(layer_data(collection, model_dir, task, 1, rows, rows).batches(rows, 10, "cpu"))
+        data = layer_data(collection, model_dir, task, 1, split_rows(ROWS, 0.1, 0.1, seed=0))
+        inputs, _ = next(data.batches(rows, 10, "cpu"))
         x = raw(data_dir, stem, 1, 32)[:10].astype(np.float64)
         weight = torch.load(model_dir / "pytorch_1.pt", weights_only=True)[key].double().numpy()
         want = weight * x / np.sqrt((x**2).mean(axis=1, keepdims=True) + 1e-5)
@@ -172,7 +192,7 @@ def test_predictor_input_is_the_layers_rms_norm(data_dir, model_dir):
 # ---- labels -------------------------------------------------------------------------
 def test_threshold_is_numpy_quantile_of_training_rows(data_dir):
     collection = Collection.open(data_dir)
-    train, _ = split_rows(ROWS, 0.1, seed=0)
+    train = split_rows(ROWS, 0.1, 0.1, seed=0).train
     threshold, method = abs_quantile(collection, collection.array("mlp_label", 3), train, 0.7, seed=0)
     want = np.quantile(np.abs(raw(data_dir, "mlp_label", 3, 64)[train].astype(np.float32)), 0.7)
     assert method == "exact" and threshold == pytest.approx(float(want), rel=1e-6)
@@ -180,7 +200,7 @@ def test_threshold_is_numpy_quantile_of_training_rows(data_dir):
 
 def test_threshold_from_a_sample_when_labels_are_too_many(data_dir):
     collection = Collection.open(data_dir)
-    train, _ = split_rows(ROWS, 0.1, seed=0)
+    train = split_rows(ROWS, 0.1, 0.1, seed=0).train
     labels = collection.array("mlp_label", 3)
     threshold, method = abs_quantile(collection, labels, train, 0.7, seed=0, max_values=500 * 64)
     exact, _ = abs_quantile(collection, labels, train, 0.7, seed=0)
@@ -191,13 +211,14 @@ def test_threshold_from_a_sample_when_labels_are_too_many(data_dir):
 # ---- training -----------------------------------------------------------------------
 def test_low_rank_labels_are_learned_to_high_recall(data_dir, model_dir):
     collection = Collection.open(data_dir)
-    train, val = split_rows(ROWS, 0.1, seed=0)
-    threshold, _ = abs_quantile(collection, collection.array("mlp_label", 0), train, 0.5, seed=0)
-    data = layer_data(collection, model_dir, Task.mlp(threshold, lookahead=False), 0, train, val)
-    settings = Settings(epochs=4, lr=1e-2, batch_size=256)
+    split = split_rows(ROWS, 0.1, 0.1, seed=0)
+    threshold, _ = abs_quantile(collection, collection.array("mlp_label", 0), split.train, 0.5, seed=0)
+    data = layer_data(collection, model_dir, Task.mlp(threshold, lookahead=False), 0, split)
+    settings = Settings(epochs=6, lr=1e-2, batch_size=256)
+    torch.manual_seed(0)  # the predictor's init: the same result whatever ran before
     result = train_layer(low_rank_predictor(32, 16, 64), data, settings, name="test")
-    assert result.metrics["recall"] > 0.95
-    assert result.metrics["recall_at_true_sparsity"] > 0.95
+    assert result.val_metrics["recall"] > 0.95
+    assert result.val_metrics["recall_at_true_sparsity"] > 0.95
     assert result.rows_per_second > 0
     assert set(result.state_dict) == {"0.weight", "1.weight"}
 
@@ -213,7 +234,7 @@ def test_cli_end_to_end(tmp_path, data_dir, model_dir):
     assert set(metrics["layers"]) == {"0", "1", "3"} and set(metrics["att"]["layers"]) == {"0", "3"}
     for entry in [*metrics["layers"].values(), *metrics["att"]["layers"].values()]:
         assert set(entry) == LAYER_KEYS
-        assert entry["train_rows"] + entry["val_rows"] == ROWS
+        assert entry["train_rows"] + entry["val_rows"] + entry["test_rows"] == ROWS
         assert all(np.isfinite(entry[k]) for k in ("recall", "precision", "recall_at_true_sparsity"))
     mlp0 = metrics["layers"]["0"]
     assert mlp0["recall"] > 0.9 and mlp0["threshold_method"] == "exact" and mlp0["heads_kept"] is None
@@ -236,11 +257,49 @@ def test_cli_end_to_end(tmp_path, data_dir, model_dir):
     assert report.main(["--out", str(out)]).read_text() == text
 
 
+def test_reported_metrics_are_the_saved_predictor_on_held_out_test_rows(tmp_path, data_dir, model_dir):
+    """metrics.json's recall and precision are the saved checkpoint's on the test rows alone,
+    recomputed in numpy from the raw files, the split's definition and the layer's shard; the
+    test rows are disjoint from the training and validation rows."""
+    out, layer = tmp_path / "out", 3
+    args = ["--data-dir", str(data_dir), "--model-name", str(model_dir), "--out", str(out), *FAST]
+    main([*args, "--layers", str(layer), "--test-fraction", "0.15", "--seed", "5"])
+    entry = json.loads((out / "metrics.json").read_text())["layers"][str(layer)]
+    split = entry["split"]
+    assert (split["num_rows"], split["seed"], split["val_fraction"], split["test_fraction"]) == (ROWS, 5, 0.1, 0.15)
+    test, val = rows_of_blocks(split, "test_blocks"), rows_of_blocks(split, "val_blocks")
+    train = np.setdiff1d(np.arange(ROWS), np.union1d(test, val))
+    assert len(np.intersect1d(test, val)) == 0
+    assert (len(train), len(val), len(test)) == (entry["train_rows"], entry["val_rows"], entry["test_rows"])
+    assert 0.13 < len(test) / ROWS < 0.17
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+
+    def collected(stem: str, width: int) -> np.ndarray:
+        mm = np.memmap(data_dir / f"{stem}_{layer}.mmap", dtype=np.float16, mode="r")
+        return mm.reshape(manifest["capacity"], width)[: manifest["rows"][str(layer)]].astype(np.float64)
+
+    checkpoint = torch.load(out / f"mlp_layer_{layer}.pt", weights_only=True)
+    y, threshold = np.abs(collected("mlp_label", 64)), checkpoint["threshold"]
+    assert threshold == pytest.approx(np.quantile(y[train].astype(np.float32), 0.5), rel=1e-6)  # training rows only
+    x = collected("mlp_x", 32)[test]
+    norm = torch.load(model_dir / f"pytorch_{layer}.pt", weights_only=True)["post_attention_layernorm.weight"]
+    eps = checkpoint["input"]["rms_norm_eps"]
+    xn = norm.double().numpy() * x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps)
+    w0, w1 = (checkpoint["state_dict"][k].double().numpy() for k in ("0.weight", "1.weight"))
+    predicted, active = xn @ w0.T @ w1.T >= 0, y[test] > threshold
+    hits = (predicted & active).sum()
+    assert entry["true_sparsity"] == pytest.approx(1 - active.mean(), abs=1e-12)
+    assert entry["recall"] == pytest.approx(hits / active.sum(), abs=1e-4)
+    assert entry["precision"] == pytest.approx(hits / predicted.sum(), abs=1e-4)
+    assert entry["val_at_best_epoch"]["true_sparsity"] != entry["true_sparsity"]
+
+
 def test_tail_rows_never_reach_the_trainer(tmp_path, data_dir, model_dir):
     """The fixture's tail is NaN: any read past the manifest's rows would poison these."""
     main(["--data-dir", str(data_dir), "--model-name", str(model_dir), "--out", str(tmp_path), "--layers", "1", *FAST])
     entry = json.loads((tmp_path / "metrics.json").read_text())["layers"]["1"]
-    train, _ = split_rows(ROWS, 0.1, seed=0)
+    train = split_rows(ROWS, 0.1, 0.1, seed=0).train
     want = np.quantile(np.abs(raw(data_dir, "mlp_label", 1, 64)[train].astype(np.float32)), 0.5)
     assert entry["threshold"] == pytest.approx(float(want), rel=1e-6)
     assert 0.9 < entry["recall"] <= 1.0
