@@ -18,7 +18,8 @@ HIDDEN, FFN = 48, 160
 
 def hf_mlp(dtype: torch.dtype, seed: int = 0) -> HFLlamaMLP:
     torch.manual_seed(seed)
-    mlp = HFLlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4, num_key_value_heads=4)).to(dtype)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=4, num_key_value_heads=4)
+    mlp = HFLlamaMLP(config).to(dtype)
     return mlp.eval().requires_grad_(False)
 
 
