@@ -224,6 +224,17 @@ class LlamaSparseBlock(LlamaBlock):
         super().__init__(config, layer_index)
         self.sparse_mlp: SparseMLP | None = None
 
+    @classmethod
+    def from_block(cls, block: LlamaBlock, config: ModelConfig, settings: SparseSettings) -> LlamaSparseBlock:
+        """A sparse block over a loaded plain block's modules (shared, not copied), so one
+        loaded model serves every mode and sparsity of an evaluation."""
+        with torch.device("meta"):  # placeholders, replaced by the plain block's modules
+            sparse = cls(config, block.layer_index)
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            setattr(sparse, name, getattr(block, name))
+        sparse.use(settings.mlp_for(block.layer_index, block.mlp))
+        return sparse
+
     def use(self, sparse_mlp: SparseMLP) -> None:
         """Compute the MLP with ``sparse_mlp``; drop the dense weights unless it reads them."""
         self.sparse_mlp = sparse_mlp

@@ -29,9 +29,8 @@ from engine.config import ModelConfig
 from engine.prompts import read_prompts
 from engine.shards import ShardError, write_json_atomic
 from engine.tokenizer import load_tokenizer
-from modules.llama import LlamaEmbeddings, LlamaLMHead
+from modules.llama import LlamaBlock, LlamaEmbeddings, LlamaLMHead
 from modules.llama_sparse import SPARSE_MODES, LlamaSparseBlock, SparseSettings, check_sparsity
-from modules.registry import BlockSpec, build_block
 from npt.model import ShardModel
 from pipeline.plan import StagePlan
 from pipeline.stage import Stage
@@ -41,17 +40,24 @@ RESULT_NAME, PLOT_NAME = "sparse_eval.json", "sparse_eval.png"
 
 
 class SparseModel:
-    """One model in one process with a given block type, for perplexity and generation."""
+    """One model in one process, for perplexity and batch-1 generation."""
 
-    def __init__(self, model_dir: Path, config: ModelConfig, model_type: str, options: dict, shared: tuple):
-        embeddings, head = shared
-        blocks = [
-            build_block(model_type, BlockSpec(model_dir, config, i, torch.float32, options))
-            for i in range(config.num_layers)
-        ]
+    def __init__(self, config: ModelConfig, blocks: list, embeddings: LlamaEmbeddings, head: LlamaLMHead):
         self.full = ShardModel(config, embeddings, blocks, head).eval()
-        plan = StagePlan(0, 1, range(config.num_layers), model_type)
+        plan = StagePlan(0, 1, range(config.num_layers), "llama-sparse")
         self.stage = Stage(plan, config, blocks, embeddings, head, torch.float32, torch.device("cpu"))
+
+    @classmethod
+    def load(cls, model_dir: Path, config: ModelConfig) -> SparseModel:
+        blocks = [LlamaBlock.from_shard(model_dir, config, i) for i in range(config.num_layers)]
+        embeddings, head = LlamaEmbeddings.from_shard(model_dir, config), LlamaLMHead.from_shard(model_dir, config)
+        return cls(config, blocks, embeddings, head)
+
+    def sparse(self, settings: SparseSettings) -> SparseModel:
+        """The same weights with every block sparse."""
+        config, full = self.stage.config, self.full
+        blocks = [LlamaSparseBlock.from_block(b, config, settings) for b in full.blocks]
+        return SparseModel(config, blocks, full.embeddings, full.head)
 
     def measured_sparsity(self) -> float:
         """Mean fraction of MLP weights skipped per token, over the layers."""
@@ -159,15 +165,12 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.model_name)
     docs = documents(args.data, tokenizer, args.max_length, args.max_docs)
     prompts = [d[: args.prompt_tokens] for d in docs[: args.prompts]]
-    shared = (
-        LlamaEmbeddings.from_shard(args.model_name, config),
-        LlamaLMHead.from_shard(args.model_name, config),
-    )
     args.out.mkdir(parents=True, exist_ok=True)
     configs = [(m, s) for m in args.modes for s in args.sparsity]
     cache: dict = {}
     settings = {c: selection(args, *c, config, cache) for c in configs}  # every input checked before any run
-    dense = measure(SparseModel(args.model_name, config, "llama", {}, shared), docs, prompts, args.agreement_tokens)
+    base = SparseModel.load(args.model_name, config)
+    dense = measure(base, docs, prompts, args.agreement_tokens)
     report = {
         "model": str(args.model_name),
         "data": str(args.data),
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
         "results": [],
     }
     for mode, sparsity in tqdm(configs, desc="sparse configurations"):
-        model = SparseModel(args.model_name, config, "llama-sparse", {"sparse": settings[mode, sparsity]}, shared)
+        model = base.sparse(settings[mode, sparsity])
         got = measure(model, docs, prompts, args.agreement_tokens)
         report["results"].append(
             {

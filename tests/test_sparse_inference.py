@@ -191,15 +191,12 @@ def engine_perplexity(model_dir, docs, mode, sparsity, predictors=None, collecte
 
     from engine.config import ModelConfig
     from engine.tokenizer import load_tokenizer
-    from modules.llama import LlamaEmbeddings, LlamaLMHead
     from sparse_predictor.evaluate_sparse import SparseModel, selection
 
     config = ModelConfig.from_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     args = SimpleNamespace(predictor_dir=predictors, sparse_calibration=collected, model_name=model_dir)
-    options = {"sparse": selection(args, mode, sparsity, config, {})}
-    shared = LlamaEmbeddings.from_shard(model_dir, config), LlamaLMHead.from_shard(model_dir, config)
-    model = SparseModel(model_dir, config, "llama-sparse", options, shared)
+    model = SparseModel.load(model_dir, config).sparse(selection(args, mode, sparsity, config, {}))
     nll, count = model.nll([torch.tensor(tokenizer(d)["input_ids"][:max_length]) for d in docs])
     return math.exp(nll / count)
 
