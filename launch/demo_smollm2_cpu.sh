@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on the bundled SmolLM2-135M, on CPU with gloo:
 #   convert the GGUF to shards -> inspect them -> generate on a 2-stage pipeline ->
-#   prepare a real corpus -> collect activations (llama-save) -> train sparse predictors.
+#   prepare a real corpus -> collect activations (llama-save) -> train sparse predictors ->
+#   sparse generation (llama-sparse) -> evaluate sparse inference (perplexity, speed).
 # Everything goes under $OUT (default runs/smollm2). Re-running reuses finished steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +54,27 @@ fi
 
 echo "== 6. train sparse predictors (MLP and attention) on every layer"
 PYTHON="$PY" bash launch/train_predictors.sh "$OUT/collect" "$OUT/model" "$OUT/predictors" --epochs "${EPOCHS:-3}"
-echo "== done: open $OUT/predictors/report.md; the pictures are $OUT/predictors/*.png"
+
+echo "== 7. small (rank-128) MLP predictors for sparse inference: cheap enough to save time"
+[ -f "$OUT/sparse_predictors/metrics.json" ] || "$PY" -m sparse_predictor.train --data-dir "$OUT/collect" \
+    --model-name "$OUT/model" --out "$OUT/sparse_predictors" --kind mlp --D 128 --epochs "${EPOCHS:-3}" \
+    > "$OUT/sparse_predictors.log"
+
+echo "== 8. sparse generation on a $PP-stage pipeline (TEAL thresholds from the collection, 50% of the MLP skipped)"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node "$PP" launch/infer.py \
+    --model-type llama-sparse --sparse-mode teal --mlp-sparsity 0.5 --sparse-calibration "$OUT/collect" \
+    --model-name "$OUT/model" --pp-degree "$PP" --infer-data "$OUT/prompts.jsonl" \
+    --output-path "$OUT/sparse_results.jsonl" --max-new-tokens 32
+"$PY" - "$OUT/sparse_results.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"[{r['id']}] {r['prompt']!r} -> {r['text']!r} ({r['finish_reason']})")
+PYEOF
+
+echo "== 9. evaluate sparse inference on held-out text: perplexity, agreement with dense, decode speed"
+"$PY" -m sparse_predictor.evaluate_sparse --model-name "$OUT/model" --data "$OUT/corpus/validation.jsonl" \
+    --out "$OUT/sparse_eval" --modes oracle,teal,predictor --sparsity "${SPARSITY:-0.3,0.5,0.7}" \
+    --predictor-dir "$OUT/sparse_predictors" --sparse-calibration "$OUT/collect" --max-length 128 \
+    --threads "${OMP_NUM_THREADS}"
+echo "== done: open $OUT/predictors/report.md and $OUT/sparse_eval/sparse_eval.png; the predictor pictures are $OUT/predictors/*.png"

@@ -68,12 +68,12 @@ if numba is not None:
         return out
 
     @njit(fastmath=True, nogil=True, parallel=True, cache=True)
-    def _rows_axpy(v, w, idx, parts):
+    def _rows_axpy(v, w, idx, tile):
         batch = v.shape[0]
         width = w.shape[1]
         out = np.zeros((batch, width), dtype=np.float32)
-        for p in prange(parts):  # each thread owns a slice of the output columns: no reduction
-            first, last = p * width // parts, (p + 1) * width // parts
+        for t in prange((width + tile - 1) // tile):  # a thread owns whole column tiles: no reduction
+            first, last = t * tile, min(width, (t + 1) * tile)
             for k in range(idx.shape[0]):
                 r = idx[k]
                 for b in range(batch):
@@ -105,10 +105,17 @@ def unit_mlp(
     return (act * keep.to(act.dtype)) @ down_t[idx]
 
 
+#: Output floats per row a tile of ``rows_axpy`` keeps hot (16 KB: the tile of every row of
+#: a small batch stays in L1 while the kept weight rows stream past it).
+TILE_FLOATS = 4096
+
+
 def rows_axpy(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``v @ w[idx]`` without copying ``w[idx]``: ``v`` (N, K), ``w`` (R, C), ``idx`` (K,)."""
     if native_kernels_for(w):
-        parts = _threads()
-        numba.set_num_threads(parts)
-        return torch.from_numpy(_rows_axpy(v.contiguous().numpy(), w.numpy(), idx.numpy(), parts))
+        threads = _threads()
+        numba.set_num_threads(threads)
+        width = w.shape[1]
+        tile = min(max(256, TILE_FLOATS // v.shape[0]), -(-width // threads))
+        return torch.from_numpy(_rows_axpy(v.contiguous().numpy(), w.numpy(), idx.numpy(), tile))
     return v @ w[idx]
