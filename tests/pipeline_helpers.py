@@ -56,7 +56,7 @@ def run_infer(model_dir: Path, prompts: Path, out: Path, nproc: int = 1, extra: 
 
 def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=None) -> list[int]:
     """HF ``generate(do_sample=False)`` on one unpadded prompt: the reference tokens."""
-    ids = tokenizer(prompt, return_tensors="pt")
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
     eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
     with torch.no_grad():
         out = model.generate(
