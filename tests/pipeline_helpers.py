@@ -82,5 +82,5 @@ def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
                 data[name, layer] = np.zeros((0, widths[name]), dtype=np.float32)
                 continue
             mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
-            data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
+            data[name, layer] = np.array(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
     return manifest, data

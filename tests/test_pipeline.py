@@ -74,6 +74,29 @@ def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, t
     assert [r["token_ids"] for r in rows] == tiny_reference
 
 
+@pytest.mark.parametrize("flags,nproc", [(["--dtype", "bfloat16"], 2), (["--fp16"], 1)], ids=["bfloat16", "fp16"])
+def test_half_precision_tokens_equal_hf_in_the_same_dtype(
+    tiny_hf_dir, tiny_shard_dir, tiny_model_and_tokenizer, tmp_path, flags, nproc
+):
+    """The shards hold float32; --dtype (or DejaVu's --fp16) casts them as each stage loads.
+    Tokens equal HF generate in that dtype. The tiny model's tokens are well separated, so
+    float32 would give them too: the stats show the stages really hold 2-byte weights, and
+    test_llama_modules checks the half-precision logits themselves against HF's."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if "bfloat16" in flags else torch.float16
+    model = LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=dtype).eval()
+    tokenizer = tiny_model_and_tokenizer[1]
+    stats_path = tmp_path / "stats.json"
+    extra = ["--max-new-tokens", "8", "--micro-batch-size", "2", "--stats-path", str(stats_path), *flags]
+    rows = run_infer(tiny_shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", nproc, extra)
+    assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 8) for p in PROMPTS]
+    shards = [torch.load(f, weights_only=True) for f in tiny_shard_dir.glob("pytorch_*.pt")]
+    numel = sum(t.numel() for shard in shards for t in shard.values())
+    assert sum(r["parameter_bytes"] for r in json.loads(stats_path.read_text())["ranks"]) == 2 * numel
+
+
 def test_eos_and_max_tokens(tiny_shard_dir, tiny_model_and_tokenizer, tiny_reference, tmp_path):
     """Make a token the model really emits mid-sequence the EOS; HF stops there too."""
     model, tokenizer = tiny_model_and_tokenizer
