@@ -65,14 +65,17 @@ def make_tiny_hf_model(**overrides):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-    """An HF checkpoint directory (safetensors) of the tiny Llama 3.2-shaped model, with a tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_hf")
-    model = make_tiny_hf_model()
-    model.save_pretrained(path)
+def save_tiny_hf_dir(path: Path, **overrides) -> Path:
+    """An HF checkpoint directory (safetensors) of the tiny model, with a tokenizer."""
+    make_tiny_hf_model(**overrides).save_pretrained(path)
     tokenizer_for_tiny_model().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """The tiny Llama 3.2-shaped model as an HF checkpoint directory."""
+    return save_tiny_hf_dir(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def tokenizer_for_tiny_model():

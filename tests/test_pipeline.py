@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import save_tiny_hf_dir
 from pipeline_helpers import hf_greedy, infer_args, run_infer, torchrun, write_prompts
 
 from pipeline.plan import PlanError, make_plans, split_layers
@@ -144,24 +145,54 @@ def test_stop_strings_and_ignore_eos(smollm_shard_dir, smollm_reference, tmp_pat
     assert rows[0]["text"] == full[: full.find(stop)]
 
 
-def test_max_layers_runs_only_the_first_layers(tiny_hf_dir, tiny_shard_dir, tmp_path):
-    """With --max-layers 2 the tokens equal an HF model truncated to its first two layers."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+@pytest.fixture(scope="module")
+def narrow_mlp_dirs(tmp_path_factory):
+    """The tiny model with an MLP of 16 units, whose LM head weighs 2.4 layers: (HF dir, shards)."""
+    from converters.convert_llama_checkpoint import convert
 
-    model = LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval()
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
-    rows = run_infer(
-        tiny_shard_dir,
-        prompts_file(tmp_path),
-        tmp_path / "out.jsonl",
-        2,
-        ["--max-new-tokens", "6", "--max-layers", "2"],
-    )
-    with torch.no_grad():
-        assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 6) for p in PROMPTS]
+    hf_dir = save_tiny_hf_dir(tmp_path_factory.mktemp("narrow_hf"), intermediate_size=16)
+    return hf_dir, convert(str(hf_dir), tmp_path_factory.mktemp("narrow") / "model")
+
+
+def hf_first_layers(hf_dir, num_layers: int):
+    """An HF model that runs only its first ``num_layers`` layers (what --max-layers means)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+@pytest.mark.parametrize(
+    "model,flags,ranges",
+    [
+        # DejaVu's --num-layers is per stage: 1 layer on each of 2 stages runs layers 0 and 1 only.
+        ("tiny", ["--num-layers", "1"], [(0, 1), (1, 2)]),
+        # --max-layers caps the total: 2 per stage, but only 3 layers, so the last stage gets 1.
+        ("tiny", ["--max-layers", "3", "--num-layers", "2"], [(0, 2), (2, 3)]),
+        # Head 512 x 64 = 32768 parameters; a layer 2*64*64 + 2*64*16 + 3*64*16 + 2*64 = 13440;
+        # so the head weighs 2.44 layers: (4 + 2.44) / 2 = 3.22 per stage, the last keeps
+        # round(3.22 - 2.44) = 1 layer. An even split would be (0, 2), (2, 4).
+        ("narrow", ["--balance-head"], [(0, 3), (3, 4)]),
+    ],
+    ids=["num-layers", "max-layers", "balance-head"],
+)
+def test_layer_split_flags_end_to_end(request, tmp_path, model, flags, ranges):
+    """The stats name each rank's layers as the flags promise, and the tokens equal an HF
+    model of the layers that ran."""
+    from transformers import AutoTokenizer
+
+    if model == "tiny":
+        hf_dir, shard_dir = request.getfixturevalue("tiny_hf_dir"), request.getfixturevalue("tiny_shard_dir")
+    else:
+        hf_dir, shard_dir = request.getfixturevalue("narrow_mlp_dirs")
+    stats_path = tmp_path / "stats.json"
+    extra = ["--max-new-tokens", "6", "--stats-path", str(stats_path), *flags]
+    rows = run_infer(shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", 2, extra)
+    assert [tuple(r["layers"]) for r in json.loads(stats_path.read_text())["ranks"]] == ranges
+    reference, tokenizer = hf_first_layers(hf_dir, ranges[-1][1]), AutoTokenizer.from_pretrained(hf_dir)
+    assert [r["token_ids"] for r in rows] == [hf_greedy(reference, tokenizer, p, 6) for p in PROMPTS]
 
 
 def test_stats_file(tiny_shard_dir, tmp_path):
