@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import save_tiny_hf_dir
@@ -19,6 +20,7 @@ PROMPTS = [
     "Water boils at a temperature of",
 ]
 NEW_TOKENS = 10
+NEVER = "\x00 text no model writes"  # a stop string that never occurs
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,15 @@ def tiny_model_and_tokenizer(tiny_hf_dir):
 def tiny_reference(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     return [hf_greedy(model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def model_with_eos(shard_dir: Path, directory: Path, eos: int) -> Path:
+    """A copy of a shard directory whose config makes ``eos`` (a token the model emits) its EOS."""
+    shutil.copytree(shard_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def prompts_file(tmp_path, **extra):
@@ -102,11 +113,7 @@ def test_eos_and_max_tokens(tiny_shard_dir, tiny_model_and_tokenizer, tiny_refer
     """Make a token the model really emits mid-sequence the EOS; HF stops there too."""
     model, tokenizer = tiny_model_and_tokenizer
     eos = tiny_reference[1][3]
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_shard_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["eos_token_id"] = eos
-    (model_dir / "config.json").write_text(json.dumps(config))
+    model_dir = model_with_eos(tiny_shard_dir, tmp_path / "model", eos)
     items = [{"prompt": p} for p in PROMPTS] + [
         {"prompt": PROMPTS[0], "max_tokens": 3},
         {"prompt": PROMPTS[0], "max_tokens": 0},
@@ -127,22 +134,68 @@ def test_eos_and_max_tokens(tiny_shard_dir, tiny_model_and_tokenizer, tiny_refer
     assert rows[-1]["token_ids"] == [] and rows[-1]["text"] == ""
 
 
-def test_stop_strings_and_ignore_eos(smollm_shard_dir, smollm_reference, tmp_path):
+def assert_stopped_at_stop(row: dict, reference: list[int], stops: list[str], tokenizer) -> None:
+    """The reference: HF's greedy text cut at the earliest occurrence of any stop string. The
+    engine's tokens are HF's up to the first whose text holds a stop string."""
+
+    def text_of(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    full = text_of(reference)
+    hits = [full.find(s) for s in stops if s in full]
+    assert hits, f"no stop string occurs in {full!r}: nothing to test"
+    assert row["finish_reason"] == "stop" and row["text"] == full[: min(hits)]
+    n = len(row["token_ids"])
+    assert n > 0 and row["token_ids"] == reference[:n]
+    assert any(s in text_of(reference[:n]) for s in stops) and not any(s in text_of(reference[: n - 1]) for s in stops)
+
+
+def test_stop_strings_and_ignore_eos(tiny_shard_dir, tiny_model_and_tokenizer, tmp_path):
+    """One micro-batch of five rows on two stages, with --ignore-eos: one row's model emits its
+    EOS mid-sequence and goes on; one stops at the earliest of several stop strings while the
+    others go on; one has a stop string that never occurs."""
+    model, tokenizer = tiny_model_and_tokenizer
+    new_tokens = 8
+    reference = [hf_greedy(model, tokenizer, p, new_tokens, eos_token_id=None) for p in PROMPTS]
+    # The EOS: the first token "Hello" continues with after its first one; not its last token.
+    hello = reference[3]
+    eos = next(t for t in hello if t != hello[0])
+    assert eos in hello[1:-1]
+    # Two stops of one length, the one listed second occurring first; and one that never occurs.
+    text = tokenizer.decode(reference[4], skip_special_tokens=True)
+    stops = [text[2:4], text[1:3], NEVER]
+    assert 0 < text.find(stops[1]) < text.find(stops[0])
+    items = [{"prompt": PROMPTS[0], "stop": [NEVER]}, *({"prompt": p} for p in PROMPTS[1:4])]
+    items.append({"prompt": PROMPTS[4], "stop": stops})
+    rows = run_infer(
+        model_with_eos(tiny_shard_dir, tmp_path / "model", eos),
+        write_prompts(tmp_path / "p.jsonl", items),
+        tmp_path / "out.jsonl",
+        2,
+        ["--max-new-tokens", str(new_tokens), "--micro-batch-size", str(len(items)), "--ignore-eos"],
+    )
+    assert_stopped_at_stop(rows[4], reference[4], stops, tokenizer)
+    for row, expected in zip(rows[:4], reference):
+        assert row["token_ids"] == expected and row["finish_reason"] == "length"
+        assert row["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert eos in rows[3]["token_ids"][:-1]
+
+
+def test_smollm_stop_string(smollm_shard_dir, smollm_reference, tmp_path):
+    """Real text: a stop string (a word of the continuation) next to one that never occurs."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_shard_dir)
     full = tokenizer.decode(smollm_reference[2], skip_special_tokens=True)
-    stop = full.strip().split()[1]
-    items = [{"prompt": PROMPTS[2], "stop": [stop]}]
+    stops = [NEVER, full.strip().split()[1]]
     rows = run_infer(
         smollm_shard_dir,
-        write_prompts(tmp_path / "p.jsonl", items),
+        write_prompts(tmp_path / "p.jsonl", [{"prompt": PROMPTS[2], "stop": stops}]),
         tmp_path / "o.jsonl",
         1,
         ["--max-new-tokens", str(NEW_TOKENS), "--ignore-eos"],
     )
-    assert rows[0]["finish_reason"] == "stop"
-    assert rows[0]["text"] == full[: full.find(stop)]
+    assert_stopped_at_stop(rows[0], smollm_reference[2], stops, tokenizer)
 
 
 @pytest.fixture(scope="module")
