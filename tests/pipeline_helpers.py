@@ -54,10 +54,15 @@ def run_infer(model_dir: Path, prompts: Path, out: Path, nproc: int = 1, extra: 
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=None) -> list[int]:
-    """HF ``generate(do_sample=False)`` on one unpadded prompt: the reference tokens."""
-    ids = tokenizer(prompt, return_tensors="pt")
-    eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+#: hf_greedy's default EOS: the model config's.
+MODEL_EOS = object()
+
+
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=MODEL_EOS) -> list[int]:
+    """HF ``generate(do_sample=False)`` on one unpadded prompt: the reference tokens. It stops
+    at the model's EOS, at ``eos_token_id`` (an id or a list) if given, and with None at none."""
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+    eos = model.config.eos_token_id if eos_token_id is MODEL_EOS else eos_token_id
     with torch.no_grad():
         out = model.generate(
             **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
@@ -82,5 +87,5 @@ def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
                 data[name, layer] = np.zeros((0, widths[name]), dtype=np.float32)
                 continue
             mm = np.memmap(collect_dir / f"{name}_{layer}.mmap", dtype=manifest["dtype"], mode="r")
-            data[name, layer] = np.asarray(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
+            data[name, layer] = np.array(mm.reshape(manifest["capacity"], widths[name])[:rows], dtype=np.float32)
     return manifest, data

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA32, make_tiny_hf_model, smollm_gguf_path
+from conftest import TINY_LLAMA32, make_tiny_hf_model, missing_package, smollm_gguf_path
 from safetensors.torch import load_file, save_file
 
 from converters.checkpoint import ConversionError
@@ -250,7 +250,7 @@ def llama3_tokenizer_model() -> Path:
     spec = importlib.util.find_spec("llama_models")
     path = Path(spec.origin).parent / "llama3" / "tokenizer.model" if spec and spec.origin else None
     if path is None or not path.is_file():
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
+        missing_package("llama-models")
     return path
 
 

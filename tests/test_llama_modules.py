@@ -17,15 +17,15 @@ ATOL = 1e-4
 class ShardModel:
     """Embeddings, every block and the head of a shard directory, run as one stage."""
 
-    def __init__(self, shard_dir):
-        self.config = ModelConfig.from_model_dir(shard_dir)
-        self.embeddings = LlamaEmbeddings.from_shard(shard_dir, self.config)
-        self.blocks = [LlamaBlock.from_shard(shard_dir, self.config, i) for i in range(self.config.num_layers)]
-        self.head = LlamaLMHead.from_shard(shard_dir, self.config)
+    def __init__(self, shard_dir, dtype=torch.float32):
+        self.config, self.dtype = ModelConfig.from_model_dir(shard_dir), dtype
+        self.embeddings = LlamaEmbeddings.from_shard(shard_dir, self.config, dtype)
+        self.blocks = [LlamaBlock.from_shard(shard_dir, self.config, i, dtype) for i in range(self.config.num_layers)]
+        self.head = LlamaLMHead.from_shard(shard_dir, self.config, dtype)
         self.inv_freq = rope_inv_freq(self.config)
 
     def step(self, ids, positions, key_valid, start, caches=None):
-        ctx = StepContext.build(self.inv_freq, positions, key_valid, start, key_valid[:, start:], torch.float32)
+        ctx = StepContext.build(self.inv_freq, positions, key_valid, start, key_valid[:, start:], self.dtype)
         x = self.embeddings(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if caches is None else caches[i])
@@ -33,7 +33,7 @@ class ShardModel:
 
     def caches(self, batch: int, length: int) -> list[KVCache]:
         c = self.config
-        return [KVCache(batch, c.num_kv_heads, length, c.head_dim, torch.float32, "cpu") for _ in self.blocks]
+        return [KVCache(batch, c.num_kv_heads, length, c.head_dim, self.dtype, "cpu") for _ in self.blocks]
 
 
 def left_padded_batch(vocab: int, lengths=PROMPT_LENGTHS, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,3 +98,22 @@ def test_incremental_decoding_matches_hf_full_forward(models):
         for t in range(prompt_width, ids.shape[1]):
             logits = ours.step(ids[:, t : t + 1], positions[:, t : t + 1], key_valid[:, : t + 1], t, caches)
             torch.testing.assert_close(logits[:, 0], expected[:, t], atol=ATOL, rtol=0, msg=f"decode position {t}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_matches_hf_in_the_same_dtype(tiny_shard_dir, tiny_hf_dir, tiny_hf_model, dtype):
+    """The float32 shards cast to ``dtype`` give HF's logits in that dtype, not float32's: the
+    engine rounds where HF rounds (RMSNorm in float32, RoPE tables cast, ...). Half precision
+    moves HF's own logits by about one step of the dtype; ours must stay far closer than that."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=dtype).eval()
+    ids, mask = left_padded_batch(tiny_hf_model.config.vocab_size)
+    with torch.no_grad():
+        logits = ShardModel(tiny_shard_dir, dtype).step(ids, positions_of(mask), mask.bool(), 0)
+    real = mask.bool()
+    assert logits.dtype == dtype
+    same_dtype = hf_logits(hf, ids, mask)[real].float()
+    rounding = (same_dtype - hf_logits(tiny_hf_model, ids, mask)[real]).abs().max()
+    assert rounding > 0, "half precision changed nothing: the comparison below would be empty"
+    assert (logits[real].float() - same_dtype).abs().max() <= rounding / 4

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+from conftest import save_tiny_hf_dir
 from pipeline_helpers import hf_greedy, infer_args, run_infer, torchrun, write_prompts
 
 from pipeline.plan import PlanError, make_plans, split_layers
@@ -18,6 +20,7 @@ PROMPTS = [
     "Water boils at a temperature of",
 ]
 NEW_TOKENS = 10
+NEVER = "\x00 text no model writes"  # a stop string that never occurs
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,15 @@ def smollm_reference(smollm_hf_model, smollm_shard_dir):
 def tiny_reference(tiny_model):
     model, tokenizer = tiny_model
     return [hf_greedy(model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def model_with_eos(shard_dir: Path, directory: Path, eos: int) -> Path:
+    """A copy of a shard directory whose config makes ``eos`` (a token the model emits) its EOS."""
+    shutil.copytree(shard_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def prompts_file(tmp_path, **extra):
@@ -67,15 +79,34 @@ def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, t
     assert [r["token_ids"] for r in rows] == tiny_reference
 
 
+@pytest.mark.parametrize("flags,nproc", [(["--dtype", "bfloat16"], 2), (["--fp16"], 1)], ids=["bfloat16", "fp16"])
+def test_half_precision_tokens_equal_hf_in_the_same_dtype(
+    tiny_hf_dir, tiny_shard_dir, tiny_model, tmp_path, flags, nproc
+):
+    """The shards hold float32; --dtype (or DejaVu's --fp16) casts them as each stage loads.
+    Tokens equal HF generate in that dtype. The tiny model's tokens are well separated, so
+    float32 would give them too: the stats show the stages really hold 2-byte weights, and
+    test_llama_modules checks the half-precision logits themselves against HF's."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    dtype = torch.bfloat16 if "bfloat16" in flags else torch.float16
+    model = LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=dtype).eval()
+    tokenizer = tiny_model[1]
+    stats_path = tmp_path / "stats.json"
+    extra = ["--max-new-tokens", "8", "--micro-batch-size", "2", "--stats-path", str(stats_path), *flags]
+    rows = run_infer(tiny_shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", nproc, extra)
+    assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 8) for p in PROMPTS]
+    shards = [torch.load(f, weights_only=True) for f in tiny_shard_dir.glob("pytorch_*.pt")]
+    numel = sum(t.numel() for shard in shards for t in shard.values())
+    assert sum(r["parameter_bytes"] for r in json.loads(stats_path.read_text())["ranks"]) == 2 * numel
+
+
 def test_eos_and_max_tokens(tiny_shard_dir, tiny_model, tiny_reference, tmp_path):
     """Make a token the model really emits mid-sequence the EOS; HF stops there too."""
     model, tokenizer = tiny_model
     eos = tiny_reference[1][3]
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_shard_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    config["eos_token_id"] = eos
-    (model_dir / "config.json").write_text(json.dumps(config))
+    model_dir = model_with_eos(tiny_shard_dir, tmp_path / "model", eos)
     items = [{"prompt": p} for p in PROMPTS] + [
         {"prompt": PROMPTS[0], "max_tokens": 3},
         {"prompt": PROMPTS[0], "max_tokens": 0},
@@ -96,42 +127,118 @@ def test_eos_and_max_tokens(tiny_shard_dir, tiny_model, tiny_reference, tmp_path
     assert rows[-1]["token_ids"] == [] and rows[-1]["text"] == ""
 
 
-def test_stop_strings_and_ignore_eos(smollm_shard_dir, smollm_reference, tmp_path):
+def assert_stopped_at_stop(row: dict, reference: list[int], stops: list[str], tokenizer) -> None:
+    """The reference: HF's greedy text cut at the earliest occurrence of any stop string. The
+    engine's tokens are HF's up to the first whose text holds a stop string."""
+
+    def text_of(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    full = text_of(reference)
+    hits = [full.find(s) for s in stops if s in full]
+    assert hits, f"no stop string occurs in {full!r}: nothing to test"
+    assert row["finish_reason"] == "stop" and row["text"] == full[: min(hits)]
+    n = len(row["token_ids"])
+    assert n > 0 and row["token_ids"] == reference[:n]
+    assert any(s in text_of(reference[:n]) for s in stops) and not any(s in text_of(reference[: n - 1]) for s in stops)
+
+
+def test_stop_strings_and_ignore_eos(tiny_shard_dir, tiny_model, tmp_path):
+    """One micro-batch of five rows on two stages, with --ignore-eos: one row's model emits its
+    EOS mid-sequence and goes on; one stops at the earliest of several stop strings while the
+    others go on; one has a stop string that never occurs."""
+    model, tokenizer = tiny_model
+    new_tokens = 8
+    reference = [hf_greedy(model, tokenizer, p, new_tokens, eos_token_id=None) for p in PROMPTS]
+    # The EOS: the first token "Hello" continues with after its first one; not its last token.
+    hello = reference[3]
+    eos = next(t for t in hello if t != hello[0])
+    assert eos in hello[1:-1]
+    # Two stops of one length, the one listed second occurring first; and one that never occurs.
+    text = tokenizer.decode(reference[4], skip_special_tokens=True)
+    stops = [text[2:4], text[1:3], NEVER]
+    assert 0 < text.find(stops[1]) < text.find(stops[0])
+    items = [{"prompt": PROMPTS[0], "stop": [NEVER]}, *({"prompt": p} for p in PROMPTS[1:4])]
+    items.append({"prompt": PROMPTS[4], "stop": stops})
+    rows = run_infer(
+        model_with_eos(tiny_shard_dir, tmp_path / "model", eos),
+        write_prompts(tmp_path / "p.jsonl", items),
+        tmp_path / "out.jsonl",
+        2,
+        ["--max-new-tokens", str(new_tokens), "--micro-batch-size", str(len(items)), "--ignore-eos"],
+    )
+    assert_stopped_at_stop(rows[4], reference[4], stops, tokenizer)
+    for row, expected in zip(rows[:4], reference):
+        assert row["token_ids"] == expected and row["finish_reason"] == "length"
+        assert row["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert eos in rows[3]["token_ids"][:-1]
+
+
+def test_smollm_stop_string(smollm_shard_dir, smollm_reference, tmp_path):
+    """Real text: a stop string (a word of the continuation) next to one that never occurs."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_shard_dir)
     full = tokenizer.decode(smollm_reference[2], skip_special_tokens=True)
-    stop = full.strip().split()[1]
-    items = [{"prompt": PROMPTS[2], "stop": [stop]}]
+    stops = [NEVER, full.strip().split()[1]]
     rows = run_infer(
         smollm_shard_dir,
-        write_prompts(tmp_path / "p.jsonl", items),
+        write_prompts(tmp_path / "p.jsonl", [{"prompt": PROMPTS[2], "stop": stops}]),
         tmp_path / "o.jsonl",
         1,
         ["--max-new-tokens", str(NEW_TOKENS), "--ignore-eos"],
     )
-    assert rows[0]["finish_reason"] == "stop"
-    assert rows[0]["text"] == full[: full.find(stop)]
+    assert_stopped_at_stop(rows[0], smollm_reference[2], stops, tokenizer)
 
 
-def test_max_layers_runs_only_the_first_layers(tiny_hf_dir, tiny_shard_dir, tmp_path):
-    """With --max-layers 2 the tokens equal an HF model truncated to its first two layers."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+@pytest.fixture(scope="module")
+def narrow_mlp_dirs(tmp_path_factory):
+    """The tiny model with an MLP of 16 units, whose LM head weighs 2.4 layers: (HF dir, shards)."""
+    from converters.convert_llama_checkpoint import convert
 
-    model = LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval()
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
-    rows = run_infer(
-        tiny_shard_dir,
-        prompts_file(tmp_path),
-        tmp_path / "out.jsonl",
-        2,
-        ["--max-new-tokens", "6", "--max-layers", "2"],
-    )
-    with torch.no_grad():
-        assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 6) for p in PROMPTS]
+    hf_dir = save_tiny_hf_dir(tmp_path_factory.mktemp("narrow_hf"), intermediate_size=16)
+    return hf_dir, convert(str(hf_dir), tmp_path_factory.mktemp("narrow") / "model")
+
+
+def hf_first_layers(hf_dir, num_layers: int):
+    """An HF model that runs only its first ``num_layers`` layers (what --max-layers means)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    return model
+
+
+@pytest.mark.parametrize(
+    "model,flags,ranges",
+    [
+        # DejaVu's --num-layers is per stage: 1 layer on each of 2 stages runs layers 0 and 1 only.
+        ("tiny", ["--num-layers", "1"], [(0, 1), (1, 2)]),
+        # --max-layers caps the total: 2 per stage, but only 3 layers, so the last stage gets 1.
+        ("tiny", ["--max-layers", "3", "--num-layers", "2"], [(0, 2), (2, 3)]),
+        # Head 512 x 64 = 32768 parameters; a layer 2*64*64 + 2*64*16 + 3*64*16 + 2*64 = 13440;
+        # so the head weighs 2.44 layers: (4 + 2.44) / 2 = 3.22 per stage, the last keeps
+        # round(3.22 - 2.44) = 1 layer. An even split would be (0, 2), (2, 4).
+        ("narrow", ["--balance-head"], [(0, 3), (3, 4)]),
+    ],
+    ids=["num-layers", "max-layers", "balance-head"],
+)
+def test_layer_split_flags_end_to_end(request, tmp_path, model, flags, ranges):
+    """The stats name each rank's layers as the flags promise, and the tokens equal an HF
+    model of the layers that ran."""
+    from transformers import AutoTokenizer
+
+    if model == "tiny":
+        hf_dir, shard_dir = request.getfixturevalue("tiny_hf_dir"), request.getfixturevalue("tiny_shard_dir")
+    else:
+        hf_dir, shard_dir = request.getfixturevalue("narrow_mlp_dirs")
+    stats_path = tmp_path / "stats.json"
+    extra = ["--max-new-tokens", "6", "--stats-path", str(stats_path), *flags]
+    rows = run_infer(shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", 2, extra)
+    assert [tuple(r["layers"]) for r in json.loads(stats_path.read_text())["ranks"]] == ranges
+    reference, tokenizer = hf_first_layers(hf_dir, ranges[-1][1]), AutoTokenizer.from_pretrained(hf_dir)
+    assert [r["token_ids"] for r in rows] == [hf_greedy(reference, tokenizer, p, 6) for p in PROMPTS]
 
 
 def test_stats_file(tiny_shard_dir, tmp_path):
