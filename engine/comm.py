@@ -83,9 +83,13 @@ class TorchDistCommunicator:
         return gathered
 
     def close(self) -> None:
+        """Finish every send, then wait for all ranks before tearing down: a rank that
+        destroyed its process group while a peer's gloo threads still served it was seen
+        to abort (SIGABRT, "terminate called without an active exception") now and then."""
         with self._peer(None, "finishing with"):
             for work, _ in self._pending:
                 work.wait()
+            dist.barrier()
         self._pending.clear()
         dist.destroy_process_group()
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from modules.llama import KVCache, LlamaBlock, LlamaMLP, StepContext
-from modules.sparse_kernels import rows_axpy, unit_mlp
+from modules.sparse_kernels import thresholded_matmul, unit_mlp
 
 SPARSE_MODES = ("oracle", "predictor", "teal")
 
@@ -50,15 +50,17 @@ def check_sparsity(value: float, flag: str) -> float:
 
 
 class SparsityMeter:
-    """Running mean of the fraction of MLP weights skipped per token (tensors only: no host sync)."""
+    """Running mean of the fraction of MLP weights skipped per token. A tensor sum stays a
+    tensor (on its device: no host sync per step) until ``mean`` is read."""
 
     def __init__(self):
-        self.skipped = torch.zeros((), dtype=torch.float64)
+        self.skipped: torch.Tensor | float = 0.0
         self.tokens = 0
 
-    def add(self, skipped: torch.Tensor) -> None:
-        self.skipped = self.skipped + skipped.detach().double().sum().cpu()
-        self.tokens += skipped.numel()
+    def add(self, skipped: torch.Tensor | float, tokens: int) -> None:
+        """``skipped``: the fractions of ``tokens`` tokens, summed."""
+        self.skipped = self.skipped + skipped
+        self.tokens += tokens
 
     @property
     def mean(self) -> float:
@@ -103,7 +105,7 @@ class DenseMLP(SparseMLP):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, x_layer: torch.Tensor) -> torch.Tensor:
-        self.meter.add(torch.zeros(x.shape[:-1]))
+        self.meter.add(0.0, x[..., 0].numel())
         return self.mlp(x)
 
 
@@ -117,7 +119,7 @@ class OracleMLP(SparseMLP):
 
     def compute(self, x: torch.Tensor, x_layer: torch.Tensor) -> torch.Tensor:
         act = self.mlp.activation(x)
-        self.meter.add(torch.full(x.shape[:1], 1 - self.k / act.shape[-1]))
+        self.meter.add((1 - self.k / act.shape[-1]) * len(x), len(x))
         return self.mlp.down_proj(act * _top_mask(act.abs(), self.k))
 
 
@@ -137,14 +139,15 @@ class PredictedMLP(SparseMLP):
         self.register_buffer("up", up, persistent=False)
         self.register_buffer("down_t", down_t, persistent=False)
         self.k = kept_units(gate.shape[0], sparsity)
+        self.register_buffer("keep_all", torch.ones(1, self.k, dtype=torch.bool), persistent=False)
         self.predictor, self.lookahead = predictor, lookahead
 
     def compute(self, x: torch.Tensor, x_layer: torch.Tensor) -> torch.Tensor:
-        self.meter.add(torch.full(x.shape[:1], 1 - self.k / self.gate.shape[0]))
+        self.meter.add((1 - self.k / self.gate.shape[0]) * len(x), len(x))
         logits = self.predictor(x_layer if self.lookahead else x)
         if x.shape[0] == 1:  # one row: its own units, sorted for a forward walk through memory
             idx = logits[0].topk(self.k, sorted=False).indices.sort().values
-            return unit_mlp(x, self.gate, self.up, self.down_t, idx, torch.ones(1, self.k, dtype=torch.bool))
+            return unit_mlp(x, self.gate, self.up, self.down_t, idx, self.keep_all)
         mask = _top_mask(logits, self.k)
         if x.shape[0] <= MAX_GATHERED_ROWS:
             return unit_mlp(x, self.gate, self.up, self.down_t, *_union(mask))
@@ -166,20 +169,12 @@ class TealMLP(SparseMLP):
 
     def compute(self, x: torch.Tensor, x_layer: torch.Tensor) -> torch.Tensor:
         hidden, width = self.gate_up_t.shape[0], self.down_t.shape[0]
-        x = x * (x.abs() > self.input_threshold)
-        gate, up = self._linear(x, self.gate_up_t).split(width, dim=-1)
-        act = F.silu(gate) * up
-        act = act * (act.abs() > self.act_threshold)
-        self.meter.add((x == 0).sum(dim=1) / hidden * (2 / 3) + (act == 0).sum(dim=1) / width / 3)
-        return self._linear(act, self.down_t)
-
-    @staticmethod
-    def _linear(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``v @ w``, reading only the rows of ``w`` that some row of ``v`` needs (few rows)."""
-        if v.shape[0] > MAX_GATHERED_ROWS:
-            return v @ w
-        idx = (v != 0).any(dim=0).nonzero().squeeze(1)
-        return rows_axpy(v[:, idx], w, idx)
+        gathered = x.shape[0] <= MAX_GATHERED_ROWS
+        gate_up, skipped_inputs = thresholded_matmul(x, self.gate_up_t, self.input_threshold, gathered)
+        gate, up = gate_up.split(width, dim=-1)
+        out, skipped_units = thresholded_matmul(F.silu(gate) * up, self.down_t, self.act_threshold, gathered)
+        self.meter.add((skipped_inputs.sum() / hidden * (2 / 3) + skipped_units.sum() / width / 3), len(x))
+        return out
 
 
 @dataclass

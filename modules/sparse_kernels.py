@@ -7,10 +7,11 @@ one contiguous row per unit, so at batch 1 the work is the bytes of the kept wei
 * ``unit_mlp``: for each kept unit j, ``a = SiLU(gate_j . x) * (up_j . x)``, then
   ``out += a * down_t_j`` (``down_t`` is ``down_proj.weight`` transposed, so that unit's
   column is a contiguous row). Used where units are chosen (oracle, predictor).
-* ``rows_axpy``: ``out = sum_k v[:, k] * w[idx[k]]``, a linear map restricted to kept
-  input rows (TEAL's sparse inputs: columns of gate/up, rows of ``down_t``).
+* ``thresholded_matmul``: ``(v * (|v| > t)) @ w`` over only the rows of ``w`` that some
+  row keeps (TEAL's sparse inputs: columns of gate/up as rows of their transpose, rows of
+  ``down_t``).
 
-Rows of a batch share the union of their selections; ``keep`` (or a zero in ``v``) drops,
+Rows of a batch share the union of their selections; ``keep`` (or the threshold) drops,
 per row, what that row did not select, so a row's result never depends on its neighbours'.
 
 The CPU kernels are compiled by numba for float32, split over the torch thread count.
@@ -68,20 +69,28 @@ if numba is not None:
         return out
 
     @njit(fastmath=True, nogil=True, parallel=True, cache=True)
-    def _rows_axpy(v, w, idx, tile):
-        batch = v.shape[0]
+    def _thresholded_matmul(v, w, threshold, tile):
+        batch, rows = v.shape
         width = w.shape[1]
+        skipped = np.zeros(batch, dtype=np.int64)
+        needed = np.zeros(rows, dtype=np.bool_)
+        for b in range(batch):
+            for r in range(rows):
+                if abs(v[b, r]) > threshold:
+                    needed[r] = True
+                else:
+                    skipped[b] += 1
+        idx = np.nonzero(needed)[0]
         out = np.zeros((batch, width), dtype=np.float32)
         for t in prange((width + tile - 1) // tile):  # a thread owns whole column tiles: no reduction
             first, last = t * tile, min(width, (t + 1) * tile)
-            for k in range(idx.shape[0]):
-                r = idx[k]
+            for r in idx:
                 for b in range(batch):
-                    c = v[b, k]
-                    if c != 0:
+                    c = v[b, r]
+                    if abs(c) > threshold:
                         for col in range(first, last):
                             out[b, col] += c * w[r, col]
-        return out
+        return out, skipped
 
 
 def _threads() -> int:
@@ -105,17 +114,23 @@ def unit_mlp(
     return (act * keep.to(act.dtype)) @ down_t[idx]
 
 
-#: Output floats per row a tile of ``rows_axpy`` keeps hot (16 KB: the tile of every row of
-#: a small batch stays in L1 while the kept weight rows stream past it).
+#: Output floats per row a tile of ``thresholded_matmul`` keeps hot (16 KB: the tile of every
+#: row of a small batch stays in L1 while the kept weight rows stream past it).
 TILE_FLOATS = 4096
 
 
-def rows_axpy(v: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``v @ w[idx]`` without copying ``w[idx]``: ``v`` (N, K), ``w`` (R, C), ``idx`` (K,)."""
-    if native_kernels_for(w):
+def thresholded_matmul(
+    v: torch.Tensor, w: torch.Tensor, threshold: float, gathered: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(v * (|v| > threshold)) @ w`` and how many entries of each row of ``v`` were dropped;
+    ``v`` (N, R), ``w`` (R, C). ``gathered`` reads only the rows of ``w`` some row of ``v``
+    keeps; otherwise (many rows) it is a masked dense product."""
+    if gathered and native_kernels_for(w):
         threads = _threads()
         numba.set_num_threads(threads)
         width = w.shape[1]
         tile = min(max(256, TILE_FLOATS // v.shape[0]), -(-width // threads))
-        return torch.from_numpy(_rows_axpy(v.contiguous().numpy(), w.numpy(), idx.numpy(), tile))
-    return v @ w[idx]
+        out, skipped = _thresholded_matmul(v.contiguous().numpy(), w.numpy(), threshold, tile)
+        return torch.from_numpy(out), torch.from_numpy(skipped)
+    kept = v.abs() > threshold
+    return (v * kept) @ w, (~kept).sum(dim=1)

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP as HFLlamaMLP
 from engine.config import ModelConfig
 from modules.llama import LlamaMLP
 from modules.llama_sparse import MAX_GATHERED_ROWS, OracleMLP, PredictedMLP, TealMLP, kept_units
-from modules.sparse_kernels import rows_axpy, unit_mlp
+from modules.sparse_kernels import thresholded_matmul, unit_mlp
 
 HIDDEN, FFN = 48, 160
 
@@ -61,15 +61,19 @@ def test_unit_mlp_equals_hf_mlp_with_other_units_zeroed(dtype, rows):
         torch.testing.assert_close(got[r : r + 1], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rows_axpy_equals_numpy(dtype):
+@pytest.mark.parametrize("dtype, gathered", [(torch.float32, True), (torch.float64, True), (torch.float32, False)])
+def test_thresholded_matmul_equals_numpy(dtype, gathered):
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(30, 70, generator=gen, dtype=dtype)
-    idx = torch.tensor([2, 3, 11, 29])
-    v = torch.randn(3, 4, generator=gen, dtype=dtype)
-    v[1, 2] = 0  # a row that skips one of the shared rows
-    want = v.numpy().astype(np.float64) @ w.numpy().astype(np.float64)[idx.numpy()]
-    np.testing.assert_allclose(rows_axpy(v, w, idx).numpy(), want, rtol=1e-5, atol=1e-5)
+    v = torch.randn(3, 30, generator=gen, dtype=dtype)
+    v[:, :10] = 0.01  # rows of w no row needs
+    v[1, 12] = 0.2  # below the threshold in one row only
+    v[0, 12] = 3.0
+    out, skipped = thresholded_matmul(v, w, 0.5, gathered)
+    kept = np.abs(v.double().numpy()) > 0.5
+    want = np.where(kept, v.double().numpy(), 0) @ w.double().numpy()
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert skipped.tolist() == (~kept).sum(axis=1).tolist()
 
 
 def silu(a: np.ndarray) -> np.ndarray:
