@@ -69,7 +69,7 @@ if numba is not None:
         return out
 
     @njit(fastmath=True, nogil=True, parallel=True, cache=True)
-    def _thresholded_matmul(v, w, threshold, tile):
+    def _thresholded_matmul(v, w, threshold, parts):
         batch, rows = v.shape
         width = w.shape[1]
         skipped = np.zeros(batch, dtype=np.int64)
@@ -81,15 +81,21 @@ if numba is not None:
                 else:
                     skipped[b] += 1
         idx = np.nonzero(needed)[0]
-        out = np.zeros((batch, width), dtype=np.float32)
-        for t in prange((width + tile - 1) // tile):  # a thread owns whole column tiles: no reduction
-            first, last = t * tile, min(width, (t + 1) * tile)
-            for r in idx:
+        n = idx.shape[0]
+        # Each thread streams whole kept rows (long contiguous reads) into its own output.
+        partial = np.zeros((parts, batch, width), dtype=np.float32)
+        for p in prange(parts):
+            out = partial[p]
+            for k in range(p * n // parts, (p + 1) * n // parts):
+                r = idx[k]
                 for b in range(batch):
                     c = v[b, r]
                     if abs(c) > threshold:
-                        for col in range(first, last):
+                        for col in range(width):
                             out[b, col] += c * w[r, col]
+        out = partial[0]
+        for p in range(1, parts):
+            out += partial[p]
         return out, skipped
 
 
@@ -114,11 +120,6 @@ def unit_mlp(
     return (act * keep.to(act.dtype)) @ down_t[idx]
 
 
-#: Output floats per row a tile of ``thresholded_matmul`` keeps hot (16 KB: the tile of every
-#: row of a small batch stays in L1 while the kept weight rows stream past it).
-TILE_FLOATS = 4096
-
-
 def thresholded_matmul(
     v: torch.Tensor, w: torch.Tensor, threshold: float, gathered: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +127,9 @@ def thresholded_matmul(
     ``v`` (N, R), ``w`` (R, C). ``gathered`` reads only the rows of ``w`` some row of ``v``
     keeps; otherwise (many rows) it is a masked dense product."""
     if gathered and native_kernels_for(w):
-        threads = _threads()
-        numba.set_num_threads(threads)
-        width = w.shape[1]
-        tile = min(max(256, TILE_FLOATS // v.shape[0]), -(-width // threads))
-        out, skipped = _thresholded_matmul(v.contiguous().numpy(), w.numpy(), threshold, tile)
+        parts = _threads()
+        numba.set_num_threads(parts)
+        out, skipped = _thresholded_matmul(v.contiguous().numpy(), w.numpy(), threshold, parts)
         return torch.from_numpy(out), torch.from_numpy(skipped)
     kept = v.abs() > threshold
     return (v * kept) @ w, (~kept).sum(dim=1)
