@@ -23,13 +23,6 @@ PROMPTS = [
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_hf_dir):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(tiny_hf_dir).eval(), AutoTokenizer.from_pretrained(tiny_hf_dir)
-
-
 def collect_and_train(model_dir, tmp):
     """A float32 llama-save collection of every layer (calibration data), and predictors of
     every layer trained on it by the real trainer, briefly."""
@@ -246,11 +239,11 @@ def test_sparse_decode_runs_on_a_pipeline(smol, tmp_path, mode):
     assert all(len(r) == NEW_TOKENS for r in rows)
 
 
-def test_evaluation_against_hf_perplexity(tiny, tiny_shard_dir, predictors, collected, tmp_path):
+def test_evaluation_against_hf_perplexity(tiny_model, tiny_shard_dir, predictors, collected, tmp_path):
     """Dense perplexity is HF's loss-based one; oracle's is HF's with the top units kept."""
     from sparse_predictor.evaluate_sparse import main
 
-    model, tokenizer = tiny
+    model, tokenizer = tiny_model
     docs = [p * 3 for p in PROMPTS]
     data = write_prompts(tmp_path / "held_out.jsonl", [{"prompt": d} for d in docs])
     out = tmp_path / "eval"
