@@ -218,7 +218,7 @@ def plot(report: dict, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{Path(report['model']).name}: dense perplexity {report['base_ppl']:.2f}")
+    fig.suptitle(f"{report['model']}: dense perplexity {report['base_ppl']:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
