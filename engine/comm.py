@@ -85,11 +85,19 @@ class TorchDistCommunicator:
     def close(self) -> None:
         """Finish every send, then wait for all ranks before tearing down: a rank that
         destroyed its process group while a peer's gloo threads still served it was seen
-        to abort (SIGABRT, "terminate called without an active exception") now and then."""
+        to abort (SIGABRT, "terminate called without an active exception") now and then.
+        The wait polls, so a SIGINT or SIGTERM meanwhile (a peer stopped before it got
+        here) still unwinds this rank at once instead of after --dist-timeout."""
         with self._peer(None, "finishing with"):
             for work, _ in self._pending:
                 work.wait()
-            dist.barrier()
+            barrier = dist.barrier(async_op=True)
+            deadline = time.monotonic() + self.timeout_seconds
+            while not barrier.is_completed():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("barrier timed out")
+                time.sleep(0.002)
+            barrier.wait()
         self._pending.clear()
         dist.destroy_process_group()
 
