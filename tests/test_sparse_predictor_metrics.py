@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from modules.llama_sparse import kept_units
 from sparse_predictor.labels import heads_kept, top_k
-from sparse_predictor.metrics import MetricAccumulator, kept_per_token
+from sparse_predictor.metrics import MetricAccumulator
 from sparse_predictor.trainer import class_weights
 
 
@@ -69,8 +70,8 @@ def test_no_active_neurons_gives_null_recall_not_nan():
     assert r["recall"] is None and r["precision"] is None and r["true_sparsity"] == 1.0
 
 
-def test_kept_per_token():
-    assert [kept_per_token(10, s) for s in (0.0, 0.25, 0.5, 0.95)] == [10, 7, 5, 0]
+def test_kept_units():
+    assert [kept_units(10, s) for s in (0.0, 0.25, 0.5, 0.95)] == [10, 7, 5, 0]
 
 
 def test_class_weights_follow_dejavu():
