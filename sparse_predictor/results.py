@@ -12,15 +12,19 @@ from pathlib import Path
 from engine.shards import write_json_atomic
 
 METRICS_FILE = "metrics.json"
-FORMAT = 1
+#: 2: metrics measured on held-out test rows, with ``val_at_best_epoch`` and ``split``.
+FORMAT = 2
 
 
 def read_metrics(out_dir: str | Path) -> dict:
     path = Path(out_dir) / METRICS_FILE
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no metrics (run python -m sparse_predictor.train first)") from None
+    if metrics.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {metrics.get('format')!r}, written by an older trainer; train again")
+    return metrics
 
 
 def section(metrics: dict, kind: str) -> dict | None:
@@ -35,6 +39,8 @@ def write_metrics(out_dir: str | Path, kind: str, layers: dict, config: dict, dr
     ``drift`` None keeps what is there (a run's finished layers, before drift is measured)."""
     path = Path(out_dir) / METRICS_FILE
     metrics = json.loads(path.read_text()) if path.is_file() else {}
+    if metrics.get("format") != FORMAT:  # an older trainer's sections cannot be reported beside ours
+        metrics = {}
     entry = {"layers": layers, "config": config}
     if kind == "mlp":
         metrics.update(entry)
