@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from collections import deque
 from contextlib import contextmanager
 
 import torch
@@ -35,6 +36,31 @@ def device_for(backend: str) -> torch.device:
 
 class PeerError(RuntimeError):
     """Another rank died, hung or failed: this rank cannot go on."""
+
+
+class LocalCommunicator:
+    """The communicator of a one-stage pipeline: rank 0 alone, whose sends come back to it
+    (the first stage is also the last), so the schedule has no single-process branches."""
+
+    rank, world_size, wait_seconds = 0, 1, 0.0
+
+    def __init__(self):
+        self._loopback: deque[torch.Tensor] = deque()
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._loopback.append(tensor)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        return self._loopback.popleft()
+
+    def failed_ranks(self, failed: bool) -> list[int]:
+        return [0] if failed else []
+
+    def gather_objects(self, obj: object) -> list[object]:
+        return [obj]
+
+    def close(self) -> None:
+        self._loopback.clear()
 
 
 class TorchDistCommunicator:

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import torch
 
 from engine.collector import ActivationCollector, CollectError, check_collect_dir
-from engine.comm import BACKENDS, PeerError, TorchDistCommunicator, default_backend, device_for
+from engine.comm import BACKENDS, LocalCommunicator, PeerError, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
 from engine.shards import ShardError, shard_filename, verify_manifest, write_json_atomic
@@ -162,9 +162,9 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    wait = comm.wait_seconds if comm else 0.0
+    wait = comm.wait_seconds
     return {
-        "rank": comm.rank if comm else 0,
+        "rank": comm.rank,
         "layers": [stage.plan.layers.start, stage.plan.layers.stop],
         "model_type": stage.plan.model_type,
         "peak_memory_bytes": peak,
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> None:
     backend = args.dist_backend or default_backend()
     device = device_for(backend)
 
-    comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else None
+    comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else LocalCommunicator()
     stage, collector, driver_inputs = start_together(
         comm, lambda: load_stage(args, plan, save_layers, config, model_dir, npt, device)
     )
@@ -278,11 +278,10 @@ def run(args: argparse.Namespace) -> None:
         collector.close()
     loop_seconds = time.perf_counter() - start
     stats = rank_stats(comm, loop_seconds, device, stage)
-    all_stats = comm.gather_objects(stats) if comm else [stats]
+    all_stats = comm.gather_objects(stats)
     if plan.is_first:
         finish(loop_seconds, all_stats)
-    if comm:
-        comm.close()
+    comm.close()
 
 
 def load_stage(
@@ -310,10 +309,9 @@ def start_together(comm, start: Callable):
     try:
         result = start()
     except USER_ERRORS:
-        if comm:
-            comm.failed_ranks(True)
+        comm.failed_ranks(True)
         raise
-    if comm and (failed := comm.failed_ranks(False)):
+    if failed := comm.failed_ranks(False):
         raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
     return result
 

@@ -26,7 +26,6 @@ class FirstStageDriver:
 
     def __init__(self, stage: Stage, comm, rules: GenerationRules, pad_id: int, window: int):
         self.stage, self.comm, self.rules, self.pad_id, self.window = stage, comm, rules, pad_id, window
-        self.local_tokens: dict[int, torch.Tensor] = {}  # pp = 1: the stage is also the last
         self.first_window_done_at: float | None = None
 
     def _step(self, kind: int, mb: MicroBatch, ids: torch.Tensor, real: torch.Tensor) -> None:
@@ -34,21 +33,19 @@ class FirstStageDriver:
         ids, real = ids.to(device), real.to(device)
         cache_len = mb.cache_len if kind == PREFILL else None
         out = self.stage(mb.index, ids, real, cache_len)
-        if self.comm is None:
-            self.local_tokens[mb.index] = out
+        if self.stage.plan.is_last:  # one stage: its tokens come back to itself
+            self.comm.send(out, 0)
             return
         self._send_header(kind, mb.index, *ids.shape, mb.cache_len)
         self.comm.send(real.to(torch.uint8), 1)
         self.comm.send(out, 1)
 
     def _send_header(self, kind: int, mb: int = 0, batch: int = 0, length: int = 0, cache_len: int = 0) -> None:
-        if self.comm is not None:
+        if self.comm.world_size > 1:
             header = torch.tensor([kind, mb, batch, length, cache_len], dtype=torch.long, device=self.stage.device)
             self.comm.send(header, 1)
 
     def _tokens(self, mb: MicroBatch) -> torch.Tensor:
-        if self.comm is None:
-            return self.local_tokens.pop(mb.index)
         return self.comm.recv((len(mb.rows),), torch.long, self.comm.world_size - 1)
 
     def run(self, batches: list[MicroBatch], on_token: Callable[[int], None]) -> None:
