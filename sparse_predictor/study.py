@@ -1,0 +1,266 @@
+"""Issue 15's predictability study: how well low-rank predictors find SwiGLU's active units,
+against sparsity, predictor size, embedding drift, lookahead and attention heads.
+
+    python -m sparse_predictor.study --data-dir COLLECT --model-name MODEL --out OUT \\
+        [--publish findings/sparse] [--threads 1] [--quick]
+
+Every predictor is trained by ``sparse_predictor.train`` into ``OUT/pieces/<name>`` (a
+rerun keeps the finished layers: ``--resume``); every number is measured on its held-out
+test rows. ``OUT/study.json`` holds the results and ``OUT/study.md`` their tables, next
+to the PNG plots; ``--publish`` copies those small files (not the checkpoints) elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.config import ConfigError
+from engine.shards import ShardError, write_json_atomic
+from sparse_predictor import train
+from sparse_predictor.data import CollectError, Collection
+from sparse_predictor.drift import embedding_drift
+from sparse_predictor.labels import heads_kept
+from sparse_predictor.results import read_metrics, section
+from sparse_predictor.stats import spearman
+from sparse_predictor.study_report import write_plots, write_tables
+
+STUDY_FILE = "study.json"
+DRIFT_FILE = "drift.json"
+TIMES_FILE = "piece_seconds.json"
+STUDY_FORMAT = 1
+#: What each layer's entry keeps of the trainer's metrics.
+LAYER_FIELDS = ("recall", "precision", "recall_at_true_sparsity", "true_sparsity", "classifier_sparsity", "best_epoch")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The predictors trained: every rank at the base sparsity, every sparsity at the base
+    rank, the base predictor with lookahead, and the attention predictor per kept fraction."""
+
+    ranks: tuple[int, ...]
+    sparsities: tuple[float, ...]
+    head_keeps: tuple[float, ...]
+    base_rank: int
+    base_sparsity: float
+    epochs: int
+    drift_rows: int
+
+
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, epochs=4, drift_rows=20000)
+QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One ``sparse_predictor.train`` run of the study."""
+
+    kind: str
+    rank: int
+    sparsity: float | None = None
+    lookahead: bool = False
+    keep: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "att":
+            return f"att_r{self.rank}_k{round(self.keep * 100)}"
+        return f"mlp_r{self.rank}_s{round(self.sparsity * 100)}" + ("_lookahead" if self.lookahead else "")
+
+    def train_args(self, args: argparse.Namespace, grid: Grid) -> list[str]:
+        argv = ["--data-dir", str(args.data_dir), "--model-name", str(args.model_name)]
+        argv += ["--out", str(args.out / "pieces" / self.name), "--layers", args.layers, "--kind", self.kind]
+        argv += ["--D", str(self.rank), "--epochs", str(grid.epochs), "--seed", str(args.seed)]
+        argv += ["--drift-rows", "0", "--resume", "--device", args.device]  # drift: once, by the study
+        if self.kind == "att":
+            return [*argv, "--att-keep", str(self.keep)]
+        return [*argv, "--target-sparsity", str(self.sparsity)] + (["--lookahead"] if self.lookahead else [])
+
+
+def pieces(grid: Grid) -> dict[str, Piece]:
+    """The grid's pieces by name, each once (the base predictor serves three questions);
+    the costly large ranks last, so an interrupted run has answered the most questions."""
+    todo = [Piece("mlp", grid.base_rank, s) for s in grid.sparsities]
+    todo += [Piece("mlp", grid.base_rank, grid.base_sparsity, lookahead=True)]
+    todo += [Piece("att", grid.base_rank, keep=keep) for keep in grid.head_keeps]
+    todo += [Piece("mlp", rank, grid.base_sparsity) for rank in grid.ranks]
+    return {p.name: p for p in todo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparse_predictor.study", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, type=Path, help="llama-save collect directory (reused, not written)")
+    p.add_argument("--model-name", required=True, type=Path, help="shard directory of the model collected")
+    p.add_argument("--out", required=True, type=Path, help="where the predictors, study.json and plots go")
+    p.add_argument("--publish", type=Path, default=None, help="also copy study.json, study.md and the plots here")
+    p.add_argument("--layers", default="all", help="comma-separated layer indices, or 'all' recorded layers")
+    p.add_argument("--quick", action="store_true", help="a small grid, one epoch (for tests)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def summarize(sec: dict) -> dict:
+    """Per-layer metrics of one trained piece and their means over the layers."""
+    layers = {layer: {k: e[k] for k in LAYER_FIELDS} for layer, e in sorted(sec["layers"].items(), key=_layer_key)}
+    means = {}
+    for key in LAYER_FIELDS[:-1]:
+        values = [e[key] for e in layers.values() if e[key] is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return {"layers": layers, "mean": means}
+
+
+def _layer_key(item: tuple[str, dict]) -> int:
+    return int(item[0])
+
+
+def piece_result(out: Path, piece: Piece) -> dict:
+    sec = section(read_metrics(out / "pieces" / piece.name), piece.kind)
+    return summarize(sec)
+
+
+def drift_of(args: argparse.Namespace, collection: Collection, grid: Grid, seconds: dict[str, float]) -> dict:
+    """The embedding drift, measured once and kept in ``OUT/drift.json``."""
+    path = args.out / DRIFT_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    drift = embedding_drift(collection, grid.drift_rows)
+    write_json_atomic(path, drift)
+    add_seconds(args.out / TIMES_FILE, seconds, "drift", time.perf_counter() - start)
+    return drift
+
+
+def drift_measures(drift: dict) -> dict[str, dict[str, float]]:
+    """Per-layer drift, 0 = none: to the next layer's input and to the first layer's."""
+    layers = drift["layers"]
+    return {
+        "1 - cos(l, l+1)": {k: 1 - v["cos_next"] for k, v in layers.items() if v["cos_next"] is not None},
+        f"1 - cos(l, {drift['first_layer']})": {k: 1 - v["cos_first"] for k, v in layers.items()},
+    }
+
+
+def correlations(drift: dict, standard: dict, lookahead: dict) -> list[dict]:
+    """Spearman's rho of each drift measure with each recall series, over the layers both have."""
+    recall_series = {
+        "standard recall@true": {k: e["recall_at_true_sparsity"] for k, e in standard["layers"].items()},
+        "standard recall": {k: e["recall"] for k, e in standard["layers"].items()},
+        "lookahead recall@true": {k: e["recall_at_true_sparsity"] for k, e in lookahead["layers"].items()},
+        "standard - lookahead recall@true": {
+            k: e["recall_at_true_sparsity"] - lookahead["layers"][k]["recall_at_true_sparsity"]
+            for k, e in standard["layers"].items()
+            if k in lookahead["layers"]
+        },
+    }
+    found = []
+    for drift_name, d in drift_measures(drift).items():
+        for recall_name, r in recall_series.items():
+            layers = sorted((k for k in d if k in r and r[k] is not None), key=int)
+            c = spearman([d[k] for k in layers], [r[k] for k in layers])
+            pair = {"drift": drift_name, "recall": recall_name, "layers": [int(k) for k in layers]}
+            found.append({**pair, **c.to_dict()})
+    return found
+
+
+def analyse(args: argparse.Namespace, grid: Grid, collection: Collection, drift: dict, seconds: dict) -> dict:
+    """``study.json``: every question's per-layer numbers, means and correlations."""
+    results = {name: piece_result(args.out, piece) for name, piece in pieces(grid).items()}
+    base = Piece("mlp", grid.base_rank, grid.base_sparsity)
+    look = Piece("mlp", grid.base_rank, grid.base_sparsity, lookahead=True)
+    h, f = collection.hidden_size, collection.intermediate_size
+    mlp_weights = 3 * h * f  # gate, up and down projections
+    return {
+        "format": STUDY_FORMAT,
+        "config": {**train.run_config(args), "grid": asdict(grid)},
+        "model": {"hidden_size": h, "intermediate_size": f, "num_heads": collection.num_heads},
+        "mlp_weights": mlp_weights,
+        "piece_seconds": seconds,
+        "sparsity": {
+            "rank": grid.base_rank,
+            "by_target": {str(s): results[Piece("mlp", grid.base_rank, s).name] for s in grid.sparsities},
+        },
+        "rank": {
+            "sparsity": grid.base_sparsity,
+            "by_rank": {
+                str(r): {
+                    "weights": r * (h + f),
+                    "weight_ratio": r * (h + f) / mlp_weights,
+                    **results[Piece("mlp", r, grid.base_sparsity).name],
+                }
+                for r in grid.ranks
+            },
+        },
+        "lookahead": {"standard": results[base.name], "lookahead": results[look.name]},
+        "att": {
+            str(k): {"heads_kept": heads_kept(collection.num_heads, k), **results[Piece("att", base.rank, keep=k).name]}
+            for k in grid.head_keeps
+        },
+        "drift": {**drift, "correlations": correlations(drift, results[base.name], results[look.name])},
+    }
+
+
+def run_pieces(args: argparse.Namespace, grid: Grid) -> dict[str, float]:
+    """Train what is missing; returns the seconds spent per piece over every run so far."""
+    path = args.out / TIMES_FILE
+    seconds = json.loads(path.read_text()) if path.is_file() else {}
+    bar = tqdm(pieces(grid).values(), desc="study", unit="piece")
+    for piece in bar:
+        bar.set_postfix_str(piece.name)
+        start = time.perf_counter()
+        train.main(piece.train_args(args, grid))
+        add_seconds(path, seconds, piece.name, time.perf_counter() - start)
+    return seconds
+
+
+def add_seconds(path: Path, seconds: dict[str, float], name: str, spent: float) -> None:
+    """Count ``spent`` to ``name`` and store the tally, so resumed runs add up."""
+    seconds[name] = seconds.get(name, 0.0) + spent
+    write_json_atomic(path, seconds)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    grid = QUICK if args.quick else FULL
+    collection = Collection.open(args.data_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    seconds = run_pieces(args, grid)
+    drift = drift_of(args, collection, grid, seconds)
+    study = analyse(args, grid, collection, drift, seconds)
+    study["this_run_seconds"] = time.perf_counter() - start
+    study["total_seconds"] = sum(seconds.values())
+    path = args.out / STUDY_FILE
+    write_json_atomic(path, study)
+    files = [path, write_tables(study, args.out), *write_plots(study, args.out)]
+    if args.publish is not None:
+        args.publish.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copyfile(file, args.publish / file.name)
+    print(f"study: {path} ({study['this_run_seconds']:.0f} s this run)")
+    return path
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        main(argv)
+    except (CollectError, ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished layers are kept; run the same command again to go on", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
