@@ -42,8 +42,11 @@ LAYER_FIELDS = ("recall", "precision", "recall_at_true_sparsity", "true_sparsity
 
 @dataclass(frozen=True)
 class Grid:
-    """The predictors trained: every rank at the base sparsity, every sparsity at the base
-    rank, the base predictor with lookahead, and the attention predictor per kept fraction."""
+    """The predictors trained: the base predictor (base rank and sparsity) with and without
+    lookahead on every layer; on every ``sweep_stride``-th layer and the last (the sweep
+    layers, which keep the full grid within a 2-core budget), every other rank at the base
+    sparsity, every other sparsity at the base rank, and the attention predictor per kept
+    fraction of heads."""
 
     ranks: tuple[int, ...]
     sparsities: tuple[float, ...]
@@ -52,10 +55,22 @@ class Grid:
     base_sparsity: float
     epochs: int
     drift_rows: int
+    sweep_stride: int
+
+    def sweep_layers(self, layers: list[int]) -> list[int]:
+        return sorted({*layers[:: self.sweep_stride], layers[-1]})
 
 
-FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, epochs=4, drift_rows=20000)
-QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000)
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 4, 20000, sweep_stride=4)
+QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, sweep_stride=2)
+
+
+def mlp_name(rank: int, sparsity: float, lookahead: bool = False) -> str:
+    return f"mlp_r{rank}_s{round(sparsity * 100)}" + ("_lookahead" if lookahead else "")
+
+
+def att_name(rank: int, keep: float) -> str:
+    return f"att_r{rank}_k{round(keep * 100)}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class Piece:
 
     kind: str
     rank: int
+    layers: tuple[int, ...]
     sparsity: float | None = None
     lookahead: bool = False
     keep: float | None = None
@@ -71,12 +87,19 @@ class Piece:
     @property
     def name(self) -> str:
         if self.kind == "att":
-            return f"att_r{self.rank}_k{round(self.keep * 100)}"
-        return f"mlp_r{self.rank}_s{round(self.sparsity * 100)}" + ("_lookahead" if self.lookahead else "")
+            return att_name(self.rank, self.keep)
+        return mlp_name(self.rank, self.sparsity, self.lookahead)
 
     def train_args(self, args: argparse.Namespace, grid: Grid) -> list[str]:
         argv = ["--data-dir", str(args.data_dir), "--model-name", str(args.model_name)]
-        argv += ["--out", str(args.out / "pieces" / self.name), "--layers", args.layers, "--kind", self.kind]
+        argv += [
+            "--out",
+            str(args.out / "pieces" / self.name),
+            "--layers",
+            ",".join(map(str, self.layers)),
+            "--kind",
+            self.kind,
+        ]
         argv += ["--D", str(self.rank), "--epochs", str(grid.epochs), "--seed", str(args.seed)]
         argv += ["--drift-rows", "0", "--resume", "--device", args.device]  # drift: once, by the study
         if self.kind == "att":
@@ -84,13 +107,15 @@ class Piece:
         return [*argv, "--target-sparsity", str(self.sparsity)] + (["--lookahead"] if self.lookahead else [])
 
 
-def pieces(grid: Grid) -> dict[str, Piece]:
+def pieces(grid: Grid, layers: list[int]) -> dict[str, Piece]:
     """The grid's pieces by name, each once (the base predictor serves three questions);
     the costly large ranks last, so an interrupted run has answered the most questions."""
-    todo = [Piece("mlp", grid.base_rank, s) for s in grid.sparsities]
-    todo += [Piece("mlp", grid.base_rank, grid.base_sparsity, lookahead=True)]
-    todo += [Piece("att", grid.base_rank, keep=keep) for keep in grid.head_keeps]
-    todo += [Piece("mlp", rank, grid.base_sparsity) for rank in grid.ranks]
+    every, sweep = tuple(layers), tuple(grid.sweep_layers(layers))
+    todo = [Piece("mlp", grid.base_rank, every, grid.base_sparsity)]
+    todo += [Piece("mlp", grid.base_rank, every, grid.base_sparsity, lookahead=True)]
+    todo += [Piece("mlp", grid.base_rank, sweep, s) for s in grid.sparsities if s != grid.base_sparsity]
+    todo += [Piece("att", grid.base_rank, sweep, keep=keep) for keep in grid.head_keeps]
+    todo += [Piece("mlp", rank, sweep, grid.base_sparsity) for rank in grid.ranks if rank != grid.base_rank]
     return {p.name: p for p in todo}
 
 
@@ -108,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def summarize(sec: dict) -> dict:
-    """Per-layer metrics of one trained piece and their means over the layers."""
-    layers = {layer: {k: e[k] for k in LAYER_FIELDS} for layer, e in sorted(sec["layers"].items(), key=_layer_key)}
+def summarize(sec: dict, only: list[int] | None = None) -> dict:
+    """Per-layer metrics of one trained piece and their means over its layers (or ``only`` these)."""
+    entries = sorted(sec["layers"].items(), key=_layer_key)
+    layers = {layer: {k: e[k] for k in LAYER_FIELDS} for layer, e in entries if only is None or int(layer) in only}
     means = {}
     for key in LAYER_FIELDS[:-1]:
         values = [e[key] for e in layers.values() if e[key] is not None]
@@ -122,9 +148,8 @@ def _layer_key(item: tuple[str, dict]) -> int:
     return int(item[0])
 
 
-def piece_result(out: Path, piece: Piece) -> dict:
-    sec = section(read_metrics(out / "pieces" / piece.name), piece.kind)
-    return summarize(sec)
+def piece_metrics(out: Path, piece: Piece) -> dict:
+    return section(read_metrics(out / "pieces" / piece.name), piece.kind)
 
 
 def drift_of(args: argparse.Namespace, collection: Collection, grid: Grid, seconds: dict[str, float]) -> dict:
@@ -170,22 +195,24 @@ def correlations(drift: dict, standard: dict, lookahead: dict) -> list[dict]:
     return found
 
 
-def analyse(args: argparse.Namespace, grid: Grid, collection: Collection, drift: dict, seconds: dict) -> dict:
-    """``study.json``: every question's per-layer numbers, means and correlations."""
-    results = {name: piece_result(args.out, piece) for name, piece in pieces(grid).items()}
-    base = Piece("mlp", grid.base_rank, grid.base_sparsity)
-    look = Piece("mlp", grid.base_rank, grid.base_sparsity, lookahead=True)
+def analyse(grid: Grid, layers: list[int], collection: Collection, out: Path, drift: dict) -> dict:
+    """Every question's per-layer numbers and means (a sweep's over the sweep layers only,
+    the base predictor's included, so that its columns compare like with like)."""
+    todo = pieces(grid, layers)
+    sections = {name: section(read_metrics(out / "pieces" / name), piece.kind) for name, piece in todo.items()}
+    sweep = grid.sweep_layers(layers)
+    base, look = mlp_name(grid.base_rank, grid.base_sparsity), mlp_name(grid.base_rank, grid.base_sparsity, True)
+    standard, lookahead = summarize(sections[base]), summarize(sections[look])
     h, f = collection.hidden_size, collection.intermediate_size
     mlp_weights = 3 * h * f  # gate, up and down projections
     return {
-        "format": STUDY_FORMAT,
-        "config": {**train.run_config(args), "grid": asdict(grid)},
         "model": {"hidden_size": h, "intermediate_size": f, "num_heads": collection.num_heads},
+        "layers": layers,
+        "sweep_layers": sweep,
         "mlp_weights": mlp_weights,
-        "piece_seconds": seconds,
         "sparsity": {
             "rank": grid.base_rank,
-            "by_target": {str(s): results[Piece("mlp", grid.base_rank, s).name] for s in grid.sparsities},
+            "by_target": {str(s): summarize(sections[mlp_name(grid.base_rank, s)], sweep) for s in grid.sparsities},
         },
         "rank": {
             "sparsity": grid.base_sparsity,
@@ -193,25 +220,28 @@ def analyse(args: argparse.Namespace, grid: Grid, collection: Collection, drift:
                 str(r): {
                     "weights": r * (h + f),
                     "weight_ratio": r * (h + f) / mlp_weights,
-                    **results[Piece("mlp", r, grid.base_sparsity).name],
+                    **summarize(sections[mlp_name(r, grid.base_sparsity)], sweep),
                 }
                 for r in grid.ranks
             },
         },
-        "lookahead": {"standard": results[base.name], "lookahead": results[look.name]},
+        "lookahead": {"standard": standard, "lookahead": lookahead},
         "att": {
-            str(k): {"heads_kept": heads_kept(collection.num_heads, k), **results[Piece("att", base.rank, keep=k).name]}
+            str(k): {
+                "heads_kept": heads_kept(collection.num_heads, k),
+                **summarize(sections[att_name(grid.base_rank, k)], sweep),
+            }
             for k in grid.head_keeps
         },
-        "drift": {**drift, "correlations": correlations(drift, results[base.name], results[look.name])},
+        "drift": {**drift, "correlations": correlations(drift, standard, lookahead)},
     }
 
 
-def run_pieces(args: argparse.Namespace, grid: Grid) -> dict[str, float]:
+def run_pieces(args: argparse.Namespace, grid: Grid, todo: dict[str, Piece]) -> dict[str, float]:
     """Train what is missing; returns the seconds spent per piece over every run so far."""
     path = args.out / TIMES_FILE
     seconds = json.loads(path.read_text()) if path.is_file() else {}
-    bar = tqdm(pieces(grid).values(), desc="study", unit="piece")
+    bar = tqdm(todo.values(), desc="study", unit="piece")
     for piece in bar:
         bar.set_postfix_str(piece.name)
         start = time.perf_counter()
@@ -232,13 +262,19 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     grid = QUICK if args.quick else FULL
     collection = Collection.open(args.data_dir)
+    layers = train.resolve_layers(args.layers, collection)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    seconds = run_pieces(args, grid)
+    seconds = run_pieces(args, grid, pieces(grid, layers))
     drift = drift_of(args, collection, grid, seconds)
-    study = analyse(args, grid, collection, drift, seconds)
-    study["this_run_seconds"] = time.perf_counter() - start
-    study["total_seconds"] = sum(seconds.values())
+    study = {
+        "format": STUDY_FORMAT,
+        "config": {**train.run_config(args), "grid": asdict(grid)},
+        **analyse(grid, layers, collection, args.out, drift),
+        "piece_seconds": seconds,
+        "total_seconds": sum(seconds.values()),
+        "this_run_seconds": time.perf_counter() - start,
+    }
     path = args.out / STUDY_FILE
     write_json_atomic(path, study)
     files = [path, write_tables(study, args.out), *write_plots(study, args.out)]
