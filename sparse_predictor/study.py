@@ -245,8 +245,10 @@ def run_pieces(args: argparse.Namespace, grid: Grid, todo: dict[str, Piece]) -> 
     for piece in bar:
         bar.set_postfix_str(piece.name)
         start = time.perf_counter()
-        train.main(piece.train_args(args, grid))
-        add_seconds(path, seconds, piece.name, time.perf_counter() - start)
+        try:
+            train.main(piece.train_args(args, grid))
+        finally:  # an interrupted piece's time counts too
+            add_seconds(path, seconds, piece.name, time.perf_counter() - start)
     return seconds
 
 
