@@ -108,6 +108,7 @@ def plot_drift(drift: dict, path: Path) -> str:
     cos_first = [v["cos_first"] for v in values]
     ax.plot(layers, [NAN if v["cos_next"] is None else v["cos_next"] for v in values], "o-", label="cos(layer l, l+1)")
     ax.plot(layers, cos_first, "s--", label=f"cos(layer l, layer {drift['first_layer']})")
+    ax.plot(layers, [v["cos_mlp"] for v in values], "^:", label="cos(att_x, mlp_x) of layer l (across attention)")
     ax.set_ylim(min(0.0, *cos_first), 1.02)
     return save_plot(fig, ax, path)
 
@@ -207,11 +208,11 @@ def drift_lines(drift: dict, out: Path) -> list[str]:
         f"{drift['layers'][str(layers[-1])]['cos_first']:.3f} with layer {drift['first_layer']} "
         f"({drift['rows']} tokens evenly spread over the collection; `att_x`, the layer input).",
         "",
-        f"| layer | cos with layer l+1 | cos with layer {drift['first_layer']} |",
-        "|---:|---:|---:|",
+        f"| layer | cos with layer l+1 | cos with layer {drift['first_layer']} | cos with its MLP input |",
+        "|---:|---:|---:|---:|",
     ]
     for layer, v in zip(layers, values, strict=True):
-        lines.append(f"| {layer} | {fmt(v['cos_next'])} | {fmt(v['cos_first'])} |")
+        lines.append(f"| {layer} | {fmt(v['cos_next'])} | {fmt(v['cos_first'])} | {fmt(v['cos_mlp'])} |")
     if drift["gaps"]:
         gaps = ", ".join(f"{a}->{b}" for a, b in drift["gaps"])
         lines += ["", f"Skipped for cos(l, l+1) because the layers in between were not recorded: {gaps}."]

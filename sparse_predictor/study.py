@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--publish", type=Path, default=None, help="also copy study.json, study.md and the plots here")
     p.add_argument("--layers", default="all", help="comma-separated layer indices, or 'all' recorded layers")
     p.add_argument("--quick", action="store_true", help="a small grid, one epoch (for tests)")
+    p.add_argument(
+        "--pieces",
+        default=None,
+        help="train only these comma-separated pieces and stop (to share the grid between processes); "
+        "a run without it then trains what is left and writes the results",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,7 +158,7 @@ def piece_metrics(out: Path, piece: Piece) -> dict:
     return section(read_metrics(out / "pieces" / piece.name), piece.kind)
 
 
-def drift_of(args: argparse.Namespace, collection: Collection, grid: Grid, seconds: dict[str, float]) -> dict:
+def drift_of(args: argparse.Namespace, collection: Collection, grid: Grid) -> dict:
     """The embedding drift, measured once and kept in ``OUT/drift.json``."""
     path = args.out / DRIFT_FILE
     if path.is_file():
@@ -160,16 +166,18 @@ def drift_of(args: argparse.Namespace, collection: Collection, grid: Grid, secon
     start = time.perf_counter()
     drift = embedding_drift(collection, grid.drift_rows)
     write_json_atomic(path, drift)
-    add_seconds(args.out / TIMES_FILE, seconds, "drift", time.perf_counter() - start)
+    add_seconds(args.out / TIMES_FILE, "drift", time.perf_counter() - start)
     return drift
 
 
 def drift_measures(drift: dict) -> dict[str, dict[str, float]]:
-    """Per-layer drift, 0 = none: to the next layer's input and to the first layer's."""
+    """Per-layer drift, 0 = none: to the next layer's input, to the first layer's, and from
+    the layer input to the MLP input (across attention)."""
     layers = drift["layers"]
     return {
         "1 - cos(l, l+1)": {k: 1 - v["cos_next"] for k, v in layers.items() if v["cos_next"] is not None},
         f"1 - cos(l, {drift['first_layer']})": {k: 1 - v["cos_first"] for k, v in layers.items()},
+        "1 - cos(att_x, mlp_x)": {k: 1 - v["cos_mlp"] for k, v in layers.items()},
     }
 
 
@@ -240,7 +248,6 @@ def analyse(grid: Grid, layers: list[int], collection: Collection, out: Path, dr
 def run_pieces(args: argparse.Namespace, grid: Grid, todo: dict[str, Piece]) -> dict[str, float]:
     """Train what is missing; returns the seconds spent per piece over every run so far."""
     path = args.out / TIMES_FILE
-    seconds = json.loads(path.read_text()) if path.is_file() else {}
     bar = tqdm(todo.values(), desc="study", unit="piece")
     for piece in bar:
         bar.set_postfix_str(piece.name)
@@ -248,14 +255,21 @@ def run_pieces(args: argparse.Namespace, grid: Grid, todo: dict[str, Piece]) -> 
         try:
             train.main(piece.train_args(args, grid))
         finally:  # an interrupted piece's time counts too
-            add_seconds(path, seconds, piece.name, time.perf_counter() - start)
-    return seconds
+            add_seconds(path, piece.name, time.perf_counter() - start)
+    return read_seconds(path)
 
 
-def add_seconds(path: Path, seconds: dict[str, float], name: str, spent: float) -> None:
-    """Count ``spent`` to ``name`` and store the tally, so resumed runs add up."""
+def read_seconds(path: Path) -> dict[str, float]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_seconds(path: Path, name: str, spent: float) -> dict[str, float]:
+    """Count ``spent`` to ``name`` in the tally on disk (read afresh: resumed runs and
+    processes sharing the grid add up)."""
+    seconds = read_seconds(path)
     seconds[name] = seconds.get(name, 0.0) + spent
     write_json_atomic(path, seconds)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -267,8 +281,17 @@ def main(argv: list[str] | None = None) -> Path:
     layers = train.resolve_layers(args.layers, collection)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    seconds = run_pieces(args, grid, pieces(grid, layers))
-    drift = drift_of(args, collection, grid, seconds)
+    todo = pieces(grid, layers)
+    if args.pieces is not None:
+        chosen = [name.strip() for name in args.pieces.split(",") if name.strip()]
+        unknown = sorted(set(chosen) - set(todo))
+        if unknown:
+            raise SystemExit(f"--pieces: unknown {unknown}; the grid's pieces are {list(todo)}")
+        run_pieces(args, grid, {name: todo[name] for name in chosen})
+        return args.out
+    run_pieces(args, grid, todo)
+    drift = drift_of(args, collection, grid)
+    seconds = read_seconds(args.out / TIMES_FILE)
     study = {
         "format": STUDY_FORMAT,
         "config": {**train.run_config(args), "grid": asdict(grid)},

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import NullFormatter, PercentFormatter  # noqa: E402
 
 from engine.shards import atomic_write  # noqa: E402
 from sparse_predictor.report import LLAMA3_8B_RECALL, NAN, OPT_RECALL, fmt, new_axes, save_plot  # noqa: E402
@@ -82,6 +83,9 @@ def plot_rank(study: dict, path: Path) -> Path:
     ax.axhspan(*OPT_RECALL, color="tab:green", alpha=0.12, label="DejaVu on OPT (93-99%)")
     ax.axhspan(*LLAMA3_8B_RECALL, color="tab:red", alpha=0.08, label="reported on Llama 3 8B (60-70%)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ratios)
     return path.parent / save_plot(fig, ax, path)
 
 
@@ -139,7 +143,7 @@ def plot_heads(study: dict, path: Path) -> Path:
             _values(result, RECALL_AT_TRUE),
             "o-",
             ms=3,
-            label=f"{float(keep):.0%} of heads kept ({result['heads_kept']})",
+            label=f"{float(keep):.0%}: top {result['heads_kept']} of {study['model']['num_heads']} heads",
         )
         fraction = result["heads_kept"] / study["model"]["num_heads"]
         ax.axhline(fraction, color=line.get_color(), ls=":", lw=1)
@@ -163,10 +167,10 @@ def _row(cells: list) -> str:
 
 def _per_layer_table(columns: dict[str, dict], key: str) -> list[str]:
     """One row per layer, one column per result, ``key``'s value; the mean last."""
-    layers = _layers(next(iter(columns.values())))
+    layers = sorted({layer for c in columns.values() for layer in _layers(c)})
     lines = [_row(["layer", *columns]), _row(["---:"] * (len(columns) + 1))]
-    for layer in layers:
-        lines.append(_row([layer, *(fmt(c["layers"][str(layer)][key]) for c in columns.values())]))
+    for layer in layers:  # n/a: a column without this layer (an unfinished piece)
+        lines.append(_row([layer, *(fmt(c["layers"].get(str(layer), {}).get(key)) for c in columns.values())]))
     lines.append(_row(["**mean**", *(f"**{fmt(c['mean'][key])}**" for c in columns.values())]))
     return lines
 
@@ -223,7 +227,7 @@ def tables(study: dict) -> list[str]:
     lines += _per_layer_table({f"{k} recall@true": v for k, v in look.items()}, RECALL_AT_TRUE)
     lines += ["", "### Attention heads: recall keeping the predicted top heads", ""]
     lines += _per_layer_table(
-        {f"{float(k):.0%} kept ({v['heads_kept']})": v for k, v in study["att"].items()}, RECALL_AT_TRUE
+        {f"{float(k):.0%}: top {v['heads_kept']}": v for k, v in study["att"].items()}, RECALL_AT_TRUE
     )
     seconds = study["piece_seconds"]
     lines += ["", "### Time", "", _row(["piece", "seconds"]), _row(["---", "---:"])]

@@ -298,6 +298,7 @@ def test_drift_matches_numpy_and_skips_gaps(data_dir):
     assert drift["layers"]["0"]["cos_next"] == pytest.approx(cosine(x[0], x[1]), abs=1e-5)
     assert drift["layers"]["1"]["cos_next"] is None and drift["layers"]["3"]["cos_next"] is None
     assert drift["layers"]["3"]["cos_first"] == pytest.approx(cosine(x[3], x[0]), abs=1e-5)
+    assert drift["layers"]["1"]["cos_mlp"] == pytest.approx(cosine(x[1], raw(data_dir, "mlp_x", 1, 32)), abs=1e-5)
     assert drift["layers"]["0"]["cos_first"] == pytest.approx(1.0, abs=1e-5)
     assert embedding_drift(Collection.open(data_dir), max_rows=100)["rows"] == 100
 
