@@ -7,7 +7,9 @@ against sparsity, predictor size, embedding drift, lookahead and attention heads
 Every predictor is trained by ``sparse_predictor.train`` into ``OUT/pieces/<name>`` (a
 rerun keeps the finished layers: ``--resume``); every number is measured on its held-out
 test rows. ``OUT/study.json`` holds the results and ``OUT/study.md`` their tables, next
-to the PNG plots; ``--publish`` copies those small files (not the checkpoints) elsewhere."""
+to the PNG plots; ``--publish`` copies those small files (not the checkpoints) elsewhere.
+``--pieces`` trains only some predictors and stops, so that processes can share the grid;
+the same command without it then finishes the rest and writes the results."""
 
 from __future__ import annotations
 
