@@ -44,11 +44,11 @@ LAYER_FIELDS = ("recall", "precision", "recall_at_true_sparsity", "true_sparsity
 
 @dataclass(frozen=True)
 class Grid:
-    """The predictors trained: the base predictor (base rank and sparsity) with and without
-    lookahead on every layer; on every ``sweep_stride``-th layer and the last (the sweep
-    layers, which keep the full grid within a 2-core budget), every other rank at the base
-    sparsity, every other sparsity at the base rank, and the attention predictor per kept
-    fraction of heads."""
+    """The predictors trained: the base predictor (base rank and sparsity) on every layer;
+    on every ``sweep_stride``-th layer and the last (the sweep layers, which keep the full
+    grid within a 2-core budget), the base predictor with lookahead, every other rank at the
+    base sparsity, every other sparsity at the base rank, and the attention predictor per
+    kept fraction of heads."""
 
     ranks: tuple[int, ...]
     sparsities: tuple[float, ...]
@@ -63,7 +63,7 @@ class Grid:
         return sorted({*layers[:: self.sweep_stride], layers[-1]})
 
 
-FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, sweep_stride=4)
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, sweep_stride=6)
 QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, sweep_stride=2)
 
 
@@ -114,7 +114,7 @@ def pieces(grid: Grid, layers: list[int]) -> dict[str, Piece]:
     the costly large ranks last, so an interrupted run has answered the most questions."""
     every, sweep = tuple(layers), tuple(grid.sweep_layers(layers))
     todo = [Piece("mlp", grid.base_rank, every, grid.base_sparsity)]
-    todo += [Piece("mlp", grid.base_rank, every, grid.base_sparsity, lookahead=True)]
+    todo += [Piece("mlp", grid.base_rank, sweep, grid.base_sparsity, lookahead=True)]
     todo += [Piece("mlp", grid.base_rank, sweep, s) for s in grid.sparsities if s != grid.base_sparsity]
     todo += [Piece("att", grid.base_rank, sweep, keep=keep) for keep in grid.head_keeps]
     todo += [Piece("mlp", rank, sweep, grid.base_sparsity) for rank in grid.ranks if rank != grid.base_rank]
@@ -207,12 +207,14 @@ def correlations(drift: dict, standard: dict, lookahead: dict) -> list[dict]:
 
 def analyse(grid: Grid, layers: list[int], collection: Collection, out: Path, drift: dict) -> dict:
     """Every question's per-layer numbers and means (a sweep's over the sweep layers only,
-    the base predictor's included, so that its columns compare like with like)."""
+    the base predictor's included, so that its columns compare like with like; the drift
+    correlations over every layer each series has)."""
     todo = pieces(grid, layers)
     sections = {name: section(read_metrics(out / "pieces" / name), piece.kind) for name, piece in todo.items()}
     sweep = grid.sweep_layers(layers)
     base, look = mlp_name(grid.base_rank, grid.base_sparsity), mlp_name(grid.base_rank, grid.base_sparsity, True)
     standard, lookahead = summarize(sections[base]), summarize(sections[look])
+    standard_on_sweep = summarize(sections[base], sweep)
     h, f = collection.hidden_size, collection.intermediate_size
     mlp_weights = 3 * h * f  # gate, up and down projections
     return {
@@ -235,7 +237,8 @@ def analyse(grid: Grid, layers: list[int], collection: Collection, out: Path, dr
                 for r in grid.ranks
             },
         },
-        "lookahead": {"standard": standard, "lookahead": lookahead},
+        "base": {"rank": grid.base_rank, "sparsity": grid.base_sparsity, **standard},
+        "lookahead": {"standard": standard_on_sweep, "lookahead": lookahead},
         "att": {
             str(k): {
                 "heads_kept": heads_kept(collection.num_heads, k),

@@ -93,37 +93,30 @@ def plot_drift(study: dict, path: Path) -> Path:
     """Each layer's drift to the next layer against its predictors' recall."""
     drift = study["drift"]
     first = next(c for c in drift["correlations"] if c["recall"] == "standard recall@true")
-    standard, lookahead = study["lookahead"]["standard"], study["lookahead"]["lookahead"]
-    layers = [str(layer) for layer in first["layers"]]
-    x = [1 - drift["layers"][layer]["cos_next"] for layer in layers]
-    title = f"Drift vs recall: Spearman rho {first['rho']:.2f}, p = {first['p_value']:.3g} (standard)"
+    title = f"Drift vs recall: Spearman rho {first['rho']:.2f}, p = {first['p_value']:.2g} (standard)"
     fig, ax = new_axes(title, xlabel=f"drift to the next layer: {first['drift']}", ylabel="recall @ true sparsity")
-    ax.scatter(
-        x,
-        [standard["layers"][k][RECALL_AT_TRUE] for k in layers],
-        c=[int(k) for k in layers],
-        marker="o",
-        cmap="viridis",
-        label="standard (MLP input)",
+    series = (
+        ("o", "standard (MLP input)", study["base"]),
+        ("x", "lookahead (layer input)", study["lookahead"]["lookahead"]),
     )
-    ax.scatter(
-        x,
-        [lookahead["layers"][k][RECALL_AT_TRUE] for k in layers],
-        c=[int(k) for k in layers],
-        marker="x",
-        cmap="viridis",
-        label="lookahead (layer input)",
-    )
-    for xi, layer in zip(x, layers, strict=True):
-        ax.annotate(
-            layer,
-            (xi, standard["layers"][layer][RECALL_AT_TRUE]),
-            fontsize=6,
-            xytext=(2, 2),
-            textcoords="offset points",
+    for marker, label, result in series:
+        layers = [str(layer) for layer in first["layers"] if str(layer) in result["layers"]]
+        x = [1 - drift["layers"][layer]["cos_next"] for layer in layers]
+        y = [result["layers"][layer][RECALL_AT_TRUE] for layer in layers]
+        ax.scatter(
+            x,
+            y,
+            c=[int(k) for k in layers],
+            marker=marker,
+            cmap="viridis",
+            vmin=0,
+            vmax=max(first["layers"]),
+            label=label,
         )
+        for xi, yi, layer in zip(x, y, layers, strict=True):
+            ax.annotate(layer, (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_ylim(0, 1.02)
-    _colorbar(fig, ax, [int(k) for k in layers])
+    _colorbar(fig, ax, first["layers"])
     return path.parent / save_plot(fig, ax, path)
 
 
