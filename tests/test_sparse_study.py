@@ -97,7 +97,8 @@ def test_quick_study_answers_every_question(study):
     for rank, entry in result["rank"]["by_rank"].items():
         assert entry["weight_ratio"] == pytest.approx(int(rank) * (h + f) / (3 * h * f))
     assert [e["heads_kept"] for e in result["att"].values()] == [2]  # 50% of 4 heads
-    assert list(result["lookahead"]["lookahead"]["layers"]) == [str(layer) for layer in LAYERS]
+    assert list(result["base"]["layers"]) == [str(layer) for layer in LAYERS]  # the base predictor: every layer
+    assert list(result["lookahead"]["lookahead"]["layers"]) == [str(layer) for layer in sweep]
     correlations = result["drift"]["correlations"]
     assert {c["recall"] for c in correlations} >= {"standard recall@true", "lookahead recall@true"}
     next_layer = next(c for c in correlations if c["drift"] == "1 - cos(l, l+1)")
@@ -121,8 +122,8 @@ def test_study_means_are_the_pieces_test_metrics(study):
     """Each reported recall is a saved predictor's on its test rows, recomputed in numpy from
     the raw files (standard and lookahead inputs), and each mean is over the sweep layers."""
     out, result = study["out"], json.loads((study["out"] / "study.json").read_text())
-    for name, reported in [("mlp_r16_s50", result["lookahead"]["standard"]), ("mlp_r16_s50_lookahead",
-                           result["lookahead"]["lookahead"])]:  # fmt: skip
+    lookahead = result["lookahead"]["lookahead"]
+    for name, reported in [("mlp_r16_s50", result["base"]), ("mlp_r16_s50_lookahead", lookahead)]:
         metrics = json.loads((out / "pieces" / name / "metrics.json").read_text())["layers"]
         for layer in ("0", "3"):
             path = out / "pieces" / name / metrics[layer]["checkpoint"]
