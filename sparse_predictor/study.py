@@ -44,11 +44,12 @@ LAYER_FIELDS = ("recall", "precision", "recall_at_true_sparsity", "true_sparsity
 
 @dataclass(frozen=True)
 class Grid:
-    """The predictors trained: the base predictor (base rank and sparsity) on every layer;
-    on every ``sweep_stride``-th layer and the last (the sweep layers, which keep the full
-    grid within a 2-core budget), the base predictor with lookahead, every other rank at the
-    base sparsity, every other sparsity at the base rank, and the attention predictor per
-    kept fraction of heads."""
+    """The predictors trained: the base predictor (base rank and sparsity) on every
+    ``base_stride``-th layer and the last (the base layers); on every ``sweep_stride``-th
+    layer and the last (the sweep layers), the base predictor with lookahead, every other
+    rank at the base sparsity, every other sparsity at the base rank, and the attention
+    predictor per kept fraction of heads. The strides keep the grid within a 2-core budget;
+    the sweep layers are base layers when ``sweep_stride`` is a multiple of ``base_stride``."""
 
     ranks: tuple[int, ...]
     sparsities: tuple[float, ...]
@@ -57,14 +58,18 @@ class Grid:
     base_sparsity: float
     epochs: int
     drift_rows: int
+    base_stride: int
     sweep_stride: int
+
+    def base_layers(self, layers: list[int]) -> list[int]:
+        return sorted({*layers[:: self.base_stride], layers[-1]})
 
     def sweep_layers(self, layers: list[int]) -> list[int]:
         return sorted({*layers[:: self.sweep_stride], layers[-1]})
 
 
-FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, sweep_stride=6)
-QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, sweep_stride=2)
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, 2, 10)
+QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, base_stride=1, sweep_stride=2)
 
 
 def mlp_name(rank: int, sparsity: float, lookahead: bool = False) -> str:
@@ -112,7 +117,7 @@ class Piece:
 def pieces(grid: Grid, layers: list[int]) -> dict[str, Piece]:
     """The grid's pieces by name, each once (the base predictor serves three questions);
     the costly large ranks last, so an interrupted run has answered the most questions."""
-    every, sweep = tuple(layers), tuple(grid.sweep_layers(layers))
+    every, sweep = tuple(grid.base_layers(layers)), tuple(grid.sweep_layers(layers))
     todo = [Piece("mlp", grid.base_rank, every, grid.base_sparsity)]
     todo += [Piece("mlp", grid.base_rank, sweep, grid.base_sparsity, lookahead=True)]
     todo += [Piece("mlp", grid.base_rank, sweep, s) for s in grid.sparsities if s != grid.base_sparsity]
