@@ -98,15 +98,8 @@ class Piece:
         return mlp_name(self.rank, self.sparsity, self.lookahead)
 
     def train_args(self, args: argparse.Namespace, grid: Grid) -> list[str]:
-        argv = ["--data-dir", str(args.data_dir), "--model-name", str(args.model_name)]
-        argv += [
-            "--out",
-            str(args.out / "pieces" / self.name),
-            "--layers",
-            ",".join(map(str, self.layers)),
-            "--kind",
-            self.kind,
-        ]
+        argv = ["--data-dir", str(args.data_dir), "--model-name", str(args.model_name), "--kind", self.kind]
+        argv += ["--out", str(args.out / "pieces" / self.name), "--layers", ",".join(map(str, self.layers))]
         argv += ["--D", str(self.rank), "--epochs", str(grid.epochs), "--seed", str(args.seed)]
         argv += ["--drift-rows", "0", "--resume", "--device", args.device]  # drift: once, by the study
         if self.kind == "att":
@@ -117,8 +110,8 @@ class Piece:
 def pieces(grid: Grid, layers: list[int]) -> dict[str, Piece]:
     """The grid's pieces by name, each once (the base predictor serves three questions);
     the costly large ranks last, so an interrupted run has answered the most questions."""
-    every, sweep = tuple(grid.base_layers(layers)), tuple(grid.sweep_layers(layers))
-    todo = [Piece("mlp", grid.base_rank, every, grid.base_sparsity)]
+    base, sweep = tuple(grid.base_layers(layers)), tuple(grid.sweep_layers(layers))
+    todo = [Piece("mlp", grid.base_rank, base, grid.base_sparsity)]
     todo += [Piece("mlp", grid.base_rank, sweep, grid.base_sparsity, lookahead=True)]
     todo += [Piece("mlp", grid.base_rank, sweep, s) for s in grid.sparsities if s != grid.base_sparsity]
     todo += [Piece("att", grid.base_rank, sweep, keep=keep) for keep in grid.head_keeps]
