@@ -68,7 +68,7 @@ class Grid:
         return sorted({*layers[:: self.sweep_stride], layers[-1]})
 
 
-FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, 2, 10)
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, 1, 5)
 QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, base_stride=1, sweep_stride=2)
 
 
