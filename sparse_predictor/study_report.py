@@ -115,7 +115,8 @@ def plot_drift(study: dict, path: Path) -> Path:
         )
         for xi, yi, layer in zip(x, y, layers, strict=True):
             ax.annotate(layer, (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_ylim(0, 1.02)
+    ax.set_xscale("log")  # layer 0's drift (the residual stream's massive channels appearing) dwarfs the rest
+    ax.autoscale(axis="y")
     _colorbar(fig, ax, first["layers"])
     return path.parent / save_plot(fig, ax, path)
 
