@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import write_json_atomic
 
 FORMAT_VERSION = 1
 ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")

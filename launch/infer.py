@@ -21,11 +21,12 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch
 
+from engine.atomic import write_json_atomic, write_jsonl_atomic
 from engine.collector import ActivationCollector, CollectError, check_collect_dir
 from engine.comm import BACKENDS, LocalCommunicator, PeerError, TorchDistCommunicator, default_backend, device_for
 from engine.config import ConfigError, ModelConfig
-from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
-from engine.shards import ShardError, shard_filename, verify_manifest, write_json_atomic
+from engine.prompts import PromptError, read_prompts
+from engine.shards import ShardError, shard_filename, verify_manifest
 from modules.llama import LlamaEmbeddings, LlamaLMHead
 from modules.llama_sparse import SPARSE_MODES, SparseSettings, check_sparsity
 from modules.registry import BUILDERS, BlockSpec, build_block

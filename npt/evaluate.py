@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.shards import write_json_atomic
+from engine.atomic import write_json_atomic
 from engine.tokenizer import load_tokenizer
 from npt.checkpoint import NPTCheckpoint
 from npt.data import load_windows

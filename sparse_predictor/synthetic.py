@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import expected_shapes, save_shard, write_json_atomic
+from engine.shards import expected_shapes, save_shard
 from sparse_predictor.data import FORMAT, MANIFEST, STORAGE_DTYPES
 
 
