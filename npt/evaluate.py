@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from engine.atomic import write_json_atomic
 from engine.tokenizer import load_tokenizer
-from npt.checkpoint import NPTCheckpoint
+from modules.npt_checkpoint import NPTCheckpoint
 from npt.data import load_windows
 from npt.losses import delta_norm
 from npt.model import ShardModel

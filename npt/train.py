@@ -29,7 +29,7 @@ from engine.prompts import PromptError
 from engine.shards import ShardError
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import NPTConfig, freeze_all_but_np, parse_convert_layers
-from npt.checkpoint import CHECKPOINT_NAME, CheckpointError, NPTCheckpoint
+from modules.npt_checkpoint import CHECKPOINT_NAME, CheckpointError, NPTCheckpoint
 from npt.data import batch_at, load_windows
 from npt.evaluate import EVAL_NAME, evaluate
 from npt.losses import fidelity, regularizer
