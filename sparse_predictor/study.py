@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic
 from engine.config import ConfigError
-from engine.shards import ShardError, write_json_atomic
+from engine.shards import ShardError
 from sparse_predictor import train
 from sparse_predictor.data import CollectError, Collection
 from sparse_predictor.drift import embedding_drift

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import NullFormatter, PercentFormatter  # noqa: E402
 
-from engine.shards import atomic_write  # noqa: E402
+from engine.atomic import atomic_write  # noqa: E402
 from sparse_predictor.report import LLAMA3_8B_RECALL, NAN, OPT_RECALL, fmt, new_axes, save_plot  # noqa: E402
 
 TABLES_FILE = "study.md"
