@@ -25,10 +25,8 @@ import torch
 from tqdm import tqdm
 
 from engine.atomic import write_json_atomic
-from engine.config import ConfigError
-from engine.shards import ShardError
 from sparse_predictor import train
-from sparse_predictor.data import CollectError, Collection
+from sparse_predictor.data import Collection
 from sparse_predictor.drift import embedding_drift
 from sparse_predictor.labels import heads_kept
 from sparse_predictor.results import read_metrics, section
@@ -316,15 +314,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
-        main(argv)
-    except (CollectError, ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished layers are kept; run the same command again to go on", file=sys.stderr)
-        return 130
-    return 0
+    return train.run_cli(main, argv, "finished layers are kept; run the same command again to go on")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -207,17 +208,22 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``main`` with errors and Ctrl-C as one line each, not a traceback."""
+def run_cli(entry: Callable[[list[str] | None], object], argv: list[str] | None, interrupted: str) -> int:
+    """``entry(argv)`` with errors and Ctrl-C as one line each (``interrupted`` says what is
+    kept), not a traceback; returns the exit status."""
     try:
-        main(argv)
+        entry(argv)
     except (CollectError, ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the finished layers' checkpoints and metrics.json are kept", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv, "the finished layers' checkpoints and metrics.json are kept")
 
 
 if __name__ == "__main__":
