@@ -169,10 +169,28 @@ def _per_layer_table(columns: dict[str, dict], key: str) -> list[str]:
     return lines
 
 
+def base_table(study: dict) -> list[str]:
+    """The base predictor and the drift, layer by layer: what the correlations are over."""
+    base, drift = study["base"], study["drift"]
+    lines = [f"### Base predictor (rank {base['rank']}, sparsity {base['sparsity']}) and drift per layer", ""]
+    header = ["layer", "recall", "recall @ true", "classifier sparsity", "1 - cos(l, l+1)"]
+    header += [f"1 - cos(l, {drift['first_layer']})", "1 - cos(att_x, mlp_x)"]
+    lines += [_row(header), _row(["---:"] * len(header))]
+    for layer, e in base["layers"].items():
+        d = drift["layers"][layer]
+        cells = [fmt(e["recall"]), fmt(e[RECALL_AT_TRUE]), fmt(e["classifier_sparsity"])]
+        cells += [fmt(None if d["cos_next"] is None else 1 - d["cos_next"]), fmt(1 - d["cos_first"])]
+        lines.append(_row([layer, *cells, fmt(1 - d["cos_mlp"])]))
+    m = base["mean"]
+    means = [f"**{fmt(m[k])}**" for k in ("recall", RECALL_AT_TRUE, "classifier_sparsity")]
+    return [*lines, _row(["**mean**", *means, "", "", ""])]
+
+
 def tables(study: dict) -> list[str]:
     sparsity, rank = study["sparsity"], study["rank"]
     by_target = {f"s={float(s):.0%}": r for s, r in sparsity["by_target"].items()}
-    lines = [f"### Recall @ true sparsity per layer and target sparsity (rank {sparsity['rank']})", ""]
+    lines = [*base_table(study), ""]
+    lines += [f"### Recall @ true sparsity per layer and target sparsity (rank {sparsity['rank']})", ""]
     lines += _per_layer_table(by_target, RECALL_AT_TRUE)
     lines += ["", "Mean over layers per target sparsity:", ""]
     lines += [_row(["target", "true sparsity", "recall", "precision", "recall @ true", "random choice"])]
