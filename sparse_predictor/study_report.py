@@ -73,19 +73,20 @@ def plot_rank(study: dict, path: Path) -> Path:
         ylabel="recall",
     )
     ratios = [r["weight_ratio"] for r in by_rank.values()]
-    series = ((RECALL_AT_TRUE, "o-", "recall @ true sparsity"), ("recall", "s--", "recall (logit >= 0)"))
-    for key, style, label in series:
-        values = [_values(r, key) for r in by_rank.values()]
-        ax.plot(ratios, [r["mean"][key] for r in by_rank.values()], style, label=f"{label}: mean over layers")
-        ax.fill_between(ratios, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+    ax.plot(ratios, [r["mean"][RECALL_AT_TRUE] for r in by_rank.values()], "o-", label="recall @ true sparsity: mean")
+    per_layer = [_values(r, RECALL_AT_TRUE) for r in by_rank.values()]
+    low, high = [min(v) for v in per_layer], [max(v) for v in per_layer]
+    ax.fill_between(ratios, low, high, alpha=0.2, label="its layers' range")
+    ax.plot(ratios, [r["mean"]["recall"] for r in by_rank.values()], "s--", label="recall (logit >= 0): mean")
     for rank, ratio in zip(by_rank, ratios, strict=True):
-        ax.annotate(f"rank {rank}", (ratio, 0.05), ha="center", fontsize=8)
+        ax.annotate(f"rank {rank}", (ratio, 0.5), ha="center", fontsize=8)
     ax.axhspan(*OPT_RECALL, color="tab:green", alpha=0.12, label="DejaVu on OPT (93-99%)")
     ax.axhspan(*LLAMA3_8B_RECALL, color="tab:red", alpha=0.08, label="reported on Llama 3 8B (60-70%)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(ratios)
+    ax.set_xlim(ratios[0] / 1.4, ratios[-1] * 1.4)
     return path.parent / save_plot(fig, ax, path)
 
 
