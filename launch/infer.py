@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> None:
     if pp != world_size:
         raise PlanError(
             f"--pp-degree {pp} must equal the number of processes ({world_size}); use torchrun --nproc_per_node {pp}"
+            " (on several nodes: --nnodes times --nproc_per_node)"
         )
     if args.threads or world_size > 1:
         torch.set_num_threads(
