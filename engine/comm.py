@@ -3,7 +3,7 @@
 Sends are non-blocking so that the decode ring (last stage -> rank 0) can never deadlock
 against rank 0's own sends; receives block, bounded by the process-group timeout, so a
 dead peer makes the others fail with an error instead of hanging. Another transport
-(e.g. cupy NCCL) is one more class with the same methods."""
+(cupy's NCCL, engine/comm_cupy.py) is one more class with the same methods."""
 
 from __future__ import annotations
 
@@ -24,8 +24,13 @@ def default_backend() -> str:
 
 
 def device_for(backend: str) -> torch.device:
-    """NCCL runs on the GPU that LOCAL_RANK picks; gloo on the CPU."""
-    if backend in ("torch_nccl", "nccl"):
+    """NCCL runs on the GPU that LOCAL_RANK picks; gloo on the CPU. A backend that cannot
+    run here is refused now, on every rank, before any process group."""
+    if backend == "cupy_nccl":
+        from engine.comm_cupy import check_cupy_nccl
+
+        check_cupy_nccl()
+    if backend in ("torch_nccl", "nccl", "cupy_nccl"):
         if not torch.cuda.is_available():
             raise ValueError(f"--dist-backend {backend} needs CUDA, which is not available on this machine")
         index = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,8 +72,6 @@ class TorchDistCommunicator:
     """Activations and tokens between stages, with the time spent waiting measured."""
 
     def __init__(self, backend: str, timeout_seconds: float, device: torch.device):
-        if backend == "cupy_nccl":
-            raise ValueError("--dist-backend cupy_nccl is not implemented yet: use torch_nccl (GPUs) or gloo")
         self.device, self.timeout_seconds = device, timeout_seconds
         with self._peer(None, "joining"):
             dist.init_process_group(
@@ -141,3 +144,14 @@ class TorchDistCommunicator:
             else:
                 why = "a connection closed (did a rank fail? see its error)"
             raise PeerError(f"lost contact while {doing} {who}: {why}") from e
+
+
+def open_communicator(backend: str, timeout_seconds: float, device: torch.device, world_size: int):
+    """The communicator of this run: one process needs none, cupy_nccl its own class."""
+    if world_size == 1:
+        return LocalCommunicator()
+    if backend == "cupy_nccl":
+        from engine.comm_cupy import CupyNcclCommunicator
+
+        return CupyNcclCommunicator(timeout_seconds, device)
+    return TorchDistCommunicator(backend, timeout_seconds, device)

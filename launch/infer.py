@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import torch
 
 from engine.collector import ActivationCollector, CollectError, check_collect_dir
-from engine.comm import BACKENDS, LocalCommunicator, PeerError, TorchDistCommunicator, default_backend, device_for
+from engine.comm import BACKENDS, PeerError, default_backend, device_for, open_communicator
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
 from engine.shards import ShardError, shard_filename, verify_manifest, write_json_atomic
@@ -83,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="give the last stage fewer layers, weighing the LM head by its decode cost",
     )
-    p.add_argument("--dist-backend", choices=BACKENDS, default=None, help="default: torch_nccl with CUDA, else gloo")
+    p.add_argument(
+        "--dist-backend",
+        choices=BACKENDS,
+        default=None,
+        help="default: torch_nccl with CUDA, else gloo; cupy_nccl needs the gpu extra",
+    )
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
@@ -259,7 +264,7 @@ def run(args: argparse.Namespace) -> None:
     backend = args.dist_backend or default_backend()
     device = device_for(backend)
 
-    comm = TorchDistCommunicator(backend, args.dist_timeout, device) if world_size > 1 else LocalCommunicator()
+    comm = open_communicator(backend, args.dist_timeout, device, world_size)
     stage, collector, driver_inputs = start_together(
         comm, lambda: load_stage(args, plan, save_layers, config, model_dir, npt, device)
     )
