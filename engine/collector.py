@@ -2,40 +2,42 @@
 
 Files are created sparse (no zero-filling) and written with ``pwrite``: on a full disk a
 write through a memory map would kill the process with SIGBUS, a ``pwrite`` fails with an
-error naming the file. ``manifest.json`` holds the rows written per layer and is replaced
-atomically after each flush, under a file lock shared by the ranks, so a run killed or
-failing at any moment leaves a dataset whose manifest rows are valid."""
+error naming the file. Each rank publishes the rows written for its own layers in its own
+manifest part (engine/collect_manifest.py), replaced atomically after each flush and
+shared with no other rank, so a run killed or failing at any moment, on one node or
+several, leaves parts whose rows are valid."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import queue
 import shutil
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.collect_manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    CollectError,
+    header_mismatch,
+    model_fingerprint,
+    part_name,
+    read_parts,
+    recorded_rows,
+    write_part,
+)
 from engine.config import ModelConfig
-from engine.shards import write_json_atomic
 
-FORMAT_VERSION = 1
+__all__ = ["ARRAYS", "ActivationCollector", "CollectError", "array_path", "array_widths", "check_collect_dir"]
+
 ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
-MANIFEST = "manifest.json"
-LOCK = ".manifest.lock"
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
-
-
-class CollectError(RuntimeError):
-    """The collect directory cannot be used as asked (would overwrite, or resume mismatches)."""
 
 
 def array_widths(config: ModelConfig) -> dict[str, int]:
@@ -51,74 +53,25 @@ def array_path(collect_dir: Path, name: str, layer: int) -> Path:
     return collect_dir / f"{name}_{layer}.mmap"
 
 
-def model_fingerprint(model_dir: Path) -> dict:
-    """What identifies a model for resume: its config, by content."""
-    text = (model_dir / "config.json").read_bytes()
-    return {"path": str(model_dir.resolve()), "config_sha256": hashlib.sha256(text).hexdigest()}
-
-
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:
     """Refuse to overwrite an existing dataset unless resuming. Run before any rank writes.
     A dataset without rows (left by a run that failed at start) holds nothing to lose."""
     if resume:
-        if not (collect_dir / MANIFEST).is_file():
-            raise CollectError(f"{collect_dir}: --collect-resume given but there is no {MANIFEST} to resume")
-    elif collect_dir.exists() and any(collect_dir.iterdir()) and _recorded_rows(collect_dir) != 0:
+        if (collect_dir / MANIFEST).is_file():
+            raise CollectError(
+                f"{collect_dir}: a joined dataset ({MANIFEST}) cannot be resumed: resume in the directories"
+                " it was joined from, then join again"
+            )
+        if not read_parts(collect_dir):
+            raise CollectError(f"{collect_dir}: --collect-resume given but there are no manifest parts to resume")
+    elif collect_dir.exists() and any(collect_dir.iterdir()) and any(recorded_rows(collect_dir).values()):
         raise CollectError(
             f"{collect_dir}: collect directory is not empty; pass --collect-resume to append, or choose another"
         )
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    try:
-        write_json_atomic(path, manifest)
-    except OSError as e:
-        raise CollectError(f"{path}: cannot update the manifest: {e.strerror} (disk full?)") from None
-
-
-def _header_mismatch(manifest: dict, header: dict) -> str | None:
-    """How an existing manifest differs from this run's, or None when they agree."""
-    for key, value in header.items():
-        if key != "model" and manifest.get(key) != value:
-            return f"{key} is {manifest.get(key)!r}, this run has {value!r}"
-    if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
-        return f"collected from {manifest['model']['path']}, a different model"
-    return None
-
-
-def _recorded_rows(collect_dir: Path) -> int | None:
-    """Rows the manifest claims over all layers; None when there is no readable manifest."""
-    try:
-        return sum(json.loads((collect_dir / MANIFEST).read_text())["rows"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-@contextmanager
-def _locked(collect_dir: Path, timeout: float):
-    """The manifest lock the ranks share. Waiting is bounded: a rank that hangs while
-    holding it (stopped, stuck on a network disk) must not hang the others."""
-    with open(collect_dir / LOCK, "w") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CollectError(
-                        f"{collect_dir / LOCK}: another process has held the manifest lock for {timeout:g} s"
-                        " (a hung rank?)"
-                    ) from None
-                time.sleep(0.01)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class ActivationCollector:
-    """One rank's writer for the layers it owns; all ranks share one manifest."""
+    """One rank's writer for the layers it owns and their manifest part."""
 
     def __init__(
         self,
@@ -132,14 +85,12 @@ class ActivationCollector:
         capacity: int = 400_000,
         resume: bool = False,
         flush_seconds: float = 30.0,
-        lock_timeout: float = 300.0,
     ):
         self.dir = Path(collect_dir)
         self.layers, self.dtype, self.capacity = list(layers), np.dtype(dtype), capacity
         self.torch_dtype = getattr(torch, self.dtype.name)
         self.widths = array_widths(config)
         self.flush_seconds, self._last_flush = flush_seconds, time.monotonic()
-        self.lock_timeout = lock_timeout
         header = {
             "format": FORMAT_VERSION,
             "dtype": self.dtype.name,
@@ -156,12 +107,39 @@ class ActivationCollector:
         self.full = False
         self.files: dict[tuple[str, int], ArrayFile] = {}
         self._writer: BackgroundWriter | None = None
+        self.resume_from = self.resume_row() if resume else 0
 
-    def open(self) -> ActivationCollector:
-        """Create (or reopen, when resuming) the manifest and this rank's files. Called once
+    @property
+    def part_path(self) -> Path:
+        return self.dir / part_name(self.layers)
+
+    def resume_row(self) -> int:
+        """The first row to write when resuming: the shortest of this rank's layers. The
+        ranks then agree on the shortest of all (``open``), so row k stays the same token
+        in every layer, on every node."""
+        parts = read_parts(self.dir)
+        if self.part_path not in parts:
+            raise CollectError(
+                f"{self.part_path}: missing: layers {self.layers} were not collected in {self.dir}"
+                " (another node's directory, or another stage split?)"
+            )
+        part = parts[self.part_path]
+        if mismatch := header_mismatch(part, self.header):
+            raise CollectError(f"{self.part_path}: cannot resume: {mismatch}")
+        return min(int(part["rows"].get(str(layer), 0)) for layer in self.layers)
+
+    def open(self, start: int = 0) -> ActivationCollector:
+        """Publish this rank's part (rows from ``start``) and open its files. Called once
         every rank has started, so a run that fails at start writes nothing."""
-        start = self._open_manifest()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        inputs = [self.input_path]
+        if self.resume:
+            inputs = list(dict.fromkeys([*read_parts(self.dir)[self.part_path].get("inputs", []), self.input_path]))
+        else:
+            self._clear_stale_parts()
+        self.inputs = inputs
         self.rows = {layer: start for layer in self.layers}
+        self._publish()  # at once, before rows past ``start`` are overwritten
         self._warn_disk_space()
         for layer in self.layers:
             for name in ARRAYS:
@@ -170,39 +148,27 @@ class ActivationCollector:
         self._writer = BackgroundWriter(self.torch_dtype, max_pending=len(self.files))  # about one step
         return self
 
-    def _open_manifest(self) -> int:
-        """Create the manifest (the first rank to get here), or check one made by another
-        rank of this run or being resumed; return the first row to write."""
-        header, input_path = self.header, self.input_path
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with _locked(self.dir, self.lock_timeout):
-            path = self.dir / MANIFEST
-            fresh = {
-                **header,
-                "rows": {str(layer): 0 for layer in header["layers"]},
-                "full": False,
-                "inputs": [input_path],
-            }
-            if not path.exists():
-                _write_manifest(path, fresh)
-                return 0
-            manifest = json.loads(path.read_text())
-            mismatch = _header_mismatch(manifest, header)
-            if not self.resume:
-                if mismatch and not any(manifest["rows"].values()):  # left by a run that failed at start
-                    _write_manifest(path, fresh)
-                elif mismatch:
-                    raise CollectError(f"{path}: another run started collecting here ({mismatch})")
-                return 0
-            if mismatch:
-                raise CollectError(f"{path}: cannot resume: {mismatch}")
-            # Keep row k the same token in every layer: restart every layer at the shortest,
-            # and say so at once, before rows past it are overwritten.
-            start = min((manifest["rows"].get(str(layer), 0) for layer in header["layers"]), default=0)
-            manifest["rows"] = {str(layer): start for layer in header["layers"]}
-            manifest["inputs"] += [input_path] if input_path not in manifest["inputs"] else []
-            _write_manifest(path, manifest)
-            return start
+    def _clear_stale_parts(self) -> None:
+        """Remove rowless parts left by a run that failed at start where they would clash
+        with this run's (same layers, or another layout); a part with rows is another
+        run collecting here."""
+        for path, part in read_parts(self.dir).items():
+            overlaps = set(map(int, part.get("rows", {}))) & set(self.layers)
+            if path == self.part_path or not (overlaps or header_mismatch(part, self.header)):
+                continue
+            if any(part.get("rows", {}).values()):
+                raise CollectError(f"{path}: another run started collecting here")
+            path.unlink(missing_ok=True)
+
+    def _publish(self) -> None:
+        part = {
+            **self.header,
+            "part_layers": self.layers,
+            "rows": {str(layer): n for layer, n in self.rows.items()},
+            "full": self.full,
+            "inputs": self.inputs,
+        }
+        write_part(self.part_path, part)
 
     def _warn_disk_space(self) -> None:
         per_row = sum(self.widths.values()) * self.dtype.itemsize * len(self.layers)
@@ -243,12 +209,7 @@ class ActivationCollector:
         self._writer.drain()
         for file in self.files.values():
             file.sync()
-        with _locked(self.dir, self.lock_timeout):
-            path = self.dir / MANIFEST
-            manifest = json.loads(path.read_text())
-            manifest["rows"].update({str(layer): n for layer, n in self.rows.items()})
-            manifest["full"] = manifest["full"] or self.full
-            _write_manifest(path, manifest)
+        self._publish()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

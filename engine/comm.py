@@ -61,6 +61,9 @@ class LocalCommunicator:
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
 
+    def all_gather_objects(self, obj: object) -> list[object]:
+        return [obj]
+
     def gather_objects(self, obj: object) -> list[object]:
         return [obj]
 
@@ -99,10 +102,15 @@ class TorchDistCommunicator:
 
     def failed_ranks(self, failed: bool) -> list[int]:
         """Tell every rank whether this one failed to start; returns the ranks that did."""
-        flags = [None] * self.world_size
-        with self._peer(None, "starting with"):
-            dist.all_gather_object(flags, failed)
+        flags = self.all_gather_objects(failed, "starting with")
         return [rank for rank, flag in enumerate(flags) if flag]
+
+    def all_gather_objects(self, obj: object, doing: str = "exchanging state with") -> list[object]:
+        """Every rank's ``obj``, on every rank."""
+        gathered = [None] * self.world_size
+        with self._peer(None, doing):
+            dist.all_gather_object(gathered, obj)
+        return gathered
 
     def gather_objects(self, obj: object) -> list[object] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere), e.g. per-rank statistics."""

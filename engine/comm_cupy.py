@@ -133,6 +133,9 @@ class CupyNcclCommunicator:
     def failed_ranks(self, failed: bool) -> list[int]:
         return self._control.failed_ranks(failed)
 
+    def all_gather_objects(self, obj: object) -> list[object]:
+        return self._control.all_gather_objects(obj)
+
     def gather_objects(self, obj: object) -> list[object] | None:
         return self._control.gather_objects(obj)
 

@@ -215,7 +215,6 @@ def block_options(
             args.collect_capacity,
             args.collect_resume,
             args.collect_flush_seconds,
-            args.dist_timeout,
         )
         return {"collector": collector}
     if plan.model_type == SPARSE_TYPE:
@@ -268,10 +267,11 @@ def run(args: argparse.Namespace) -> None:
     stage, collector, driver_inputs = start_together(
         comm, lambda: load_stage(args, plan, save_layers, config, model_dir, npt, device)
     )
+    first_row = agree_first_row(comm, collector) if args.collect_resume and save_layers else 0
     start = time.perf_counter()
     try:
         if collector is not None:
-            collector.open()
+            collector.open(first_row)
         if plan.is_first:
             finish = drive(args, stage, comm, *driver_inputs, pp)
         else:
@@ -320,6 +320,13 @@ def start_together(comm, start: Callable):
     if failed := comm.failed_ranks(False):
         raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
     return result
+
+
+def agree_first_row(comm, collector: ActivationCollector | None) -> int:
+    """Where a resumed collection goes on: the shortest layer of any rank (save stage or
+    not, every rank takes part), so row k is the same token in every layer on every node."""
+    rows = comm.all_gather_objects(collector.resume_from if collector is not None else None)
+    return min(row for row in rows if row is not None)
 
 
 def close_after_failure(collector: ActivationCollector) -> None:

@@ -7,7 +7,6 @@ predictor, and nothing is loaded into memory until a batch asks for it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
+from engine.collect_manifest import CollectError as ManifestError
+from engine.collect_manifest import read_manifest
+
 FORMAT = 1
 
 #: File stem -> the manifest field giving its row width.
@@ -55,14 +56,13 @@ class Collection:
 
     @classmethod
     def open(cls, directory: str | Path) -> Collection:
+        """The dataset in ``directory``: joined (manifest.json) or as its ranks left it (parts)."""
         directory = Path(directory)
-        path = directory / MANIFEST
+        path = f"{directory}'s manifest"
         try:
-            m = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CollectError(f"{path}: no manifest (is {directory} a save-mode collect directory?)") from None
-        except json.JSONDecodeError as e:
-            raise CollectError(f"{path}: invalid JSON: {e}") from None
+            m = read_manifest(directory)
+        except ManifestError as e:
+            raise CollectError(str(e)) from None
         if m.get("format") != FORMAT:
             raise CollectError(f"{path}: format {m.get('format')!r}, this trainer reads format {FORMAT}")
         if m.get("dtype") not in STORAGE_DTYPES:
@@ -92,7 +92,7 @@ class Collection:
         if layer not in self.rows:
             raise CollectError(f"layer {layer} was not recorded in {self.directory} (recorded layers: {self.layers})")
         if self.rows[layer] <= 0:
-            raise CollectError(f"layer {layer} has no rows in {self.directory / MANIFEST}")
+            raise CollectError(f"layer {layer} has no rows in {self.directory}'s manifest")
         return self.rows[layer]
 
     def width(self, stem: str) -> int:

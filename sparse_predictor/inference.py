@@ -4,13 +4,12 @@ before any generation, and both come out as plain modules and numbers for the bl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.collector import model_fingerprint
+from engine.collect_manifest import model_fingerprint, read_manifest
 from engine.config import ModelConfig
 from engine.shards import load_untrusted
 from modules.llama_sparse import LayerPredictor
@@ -80,7 +79,7 @@ def _abs_quantile(values: torch.Tensor, q: float) -> float:
 
 def _check_same_model(collection: Collection, model_dir: Path) -> None:
     """The collection's model, by the content of its config (as resuming a collection checks)."""
-    manifest = json.loads((collection.directory / "manifest.json").read_text())
+    manifest = read_manifest(collection.directory)
     collected = manifest.get("model", {})
     if collected.get("config_sha256") != model_fingerprint(model_dir)["config_sha256"]:
         raise SparseSetupError(

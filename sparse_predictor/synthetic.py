@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.collect_manifest import MANIFEST
 from engine.config import ModelConfig
 from engine.shards import expected_shapes, save_shard, write_json_atomic
-from sparse_predictor.data import FORMAT, MANIFEST, STORAGE_DTYPES
+from sparse_predictor.data import FORMAT, STORAGE_DTYPES
 
 
 def tiny_config(hidden: int = 32, ffn: int = 64, heads: int = 4, layers: int = 3) -> ModelConfig:

@@ -5,7 +5,6 @@ and benchmarks/bench_faults.py (which times how fast the survivors stop)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import psutil
 from pipeline_helpers import INFER, ROOT, infer_args, write_prompts
+
+from engine.collect_manifest import recorded_rows
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -123,16 +124,12 @@ def start_ranks(model_dir: Path, work: Path, nproc: int, extra: list[str] = ()) 
 
 def wait_until_decoding(run: Run, rows: int = 60, timeout: float = 120) -> None:
     """Wait until layer 0 has published ``rows`` rows: past the prefill, mid-decode."""
-    manifest = run.collect_dir / "manifest.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in run.procs):
             raise AssertionError(f"the run ended before it could be hurt:\n{run.stderr()[-3000:]}")
-        try:
-            if json.loads(manifest.read_text())["rows"].get("0", 0) >= rows:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        if recorded_rows(run.collect_dir).get(0, 0) >= rows:
+            return
         time.sleep(0.02)
     raise AssertionError(f"no progress within {timeout} s:\n{run.stderr()[-3000:]}")
 

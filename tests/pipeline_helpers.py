@@ -88,8 +88,11 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=M
 
 
 def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
-    """A collect dir's manifest, and the rows it claims of every array as float32."""
-    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    """A collect dir's manifest (joined, or merged from its parts), and the rows it claims
+    of every array as float32."""
+    from engine.collect_manifest import read_manifest
+
+    manifest = read_manifest(collect_dir)
     widths = {
         "att_x": manifest["hidden_size"],
         "mlp_x": manifest["hidden_size"],
