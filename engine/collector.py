@@ -14,7 +14,7 @@ import queue
 import shutil
 import threading
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,42 @@ def array_widths(config: ModelConfig) -> dict[str, int]:
 
 def array_path(collect_dir: Path, name: str, layer: int) -> Path:
     return collect_dir / f"{name}_{layer}.mmap"
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """What a collection may write: ``bytes_per_layer_row`` = (2 hidden + heads + ffn) values
+    of the collect dtype (att_x, mlp_x, att_label, mlp_label), for every row still free in
+    the files of ``layers`` layers; and the space free on the collect dir's disk."""
+
+    directory: Path
+    bytes_per_layer_row: int
+    layers: int
+    rows: int
+    free_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_per_layer_row * self.layers * self.rows
+
+    @property
+    def missing_bytes(self) -> int:
+        return self.bytes - self.free_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.bytes_per_layer_row} bytes per layer per row; {self.layers} layers x {self.rows} rows"
+            f" may write up to {self.bytes / 1e9:.3g} GB, {self.free_bytes / 1e9:.3g} GB free in {self.directory}"
+        )
+
+
+def disk_estimate(config: ModelConfig, dtype: str, collect_dir: Path, layers: list[int], capacity: int) -> DiskEstimate:
+    """The files of ``layers`` at full ``capacity`` (less the rows a resumed dataset holds)."""
+    written = recorded_rows(collect_dir) if collect_dir.is_dir() else {}
+    rows = capacity - min((written.get(layer, 0) for layer in layers), default=0)
+    existing = next(p for p in (collect_dir, *collect_dir.parents) if p.exists())  # the disk it will be on
+    per_row = sum(array_widths(config).values()) * np.dtype(dtype).itemsize
+    return DiskEstimate(collect_dir, per_row, len(layers), max(0, rows), shutil.disk_usage(existing).free)
 
 
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:
@@ -140,7 +176,6 @@ class ActivationCollector:
         self.inputs = inputs
         self.rows = {layer: start for layer in self.layers}
         self._publish()  # at once, before rows past ``start`` are overwritten
-        self._warn_disk_space()
         for layer in self.layers:
             for name in ARRAYS:
                 path = array_path(self.dir, name, layer)
@@ -169,16 +204,6 @@ class ActivationCollector:
             "inputs": self.inputs,
         }
         write_part(self.part_path, part)
-
-    def _warn_disk_space(self) -> None:
-        per_row = sum(self.widths.values()) * self.dtype.itemsize * len(self.layers)
-        need = per_row * max(0, self.capacity - min(self.rows.values(), default=0))
-        free = shutil.disk_usage(self.dir).free
-        if need > free:
-            warnings.warn(
-                f"{self.dir}: collection may write up to {need / 1e9:.3g} GB but only {free / 1e9:.3g} GB are free",
-                stacklevel=2,
-            )
 
     def record(self, layer: int, real: torch.Tensor, **arrays: torch.Tensor) -> None:
         """Append the rows of real tokens (``real`` (B, T) bool) of one layer's arrays."""

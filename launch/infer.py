@@ -13,6 +13,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch
 
-from engine.collector import ActivationCollector, CollectError, check_collect_dir
+from engine.collector import ActivationCollector, CollectError, check_collect_dir, disk_estimate
 from engine.comm import BACKENDS, PeerError, default_backend, device_for, open_communicator
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
@@ -94,10 +95,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
     p.add_argument("--threads", type=_count(1), default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--collect-dir", help="where llama-save stages write their activation files")
+    p.add_argument(
+        "--collect-layers",
+        type=_layer_list,
+        default=None,
+        help="record only these layers, e.g. 0,15,28-31 (default: every layer of the llama-save stages)",
+    )
     p.add_argument("--collect-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--collect-capacity", type=_count(1), default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
+    p.add_argument(
+        "--collect-ignore-disk-space",
+        action="store_true",
+        help="start even when the files at full --collect-capacity would not fit on the disk (a warning instead)",
+    )
     p.add_argument(
         "--verify-shards", action="store_true", help="check each stage's shard files against the manifest's sha256"
     )
@@ -140,6 +152,18 @@ def _count(minimum: int):
     return parse
 
 
+def _layer_list(text: str) -> list[int]:
+    """An argparse type: layer indices, comma-separated, with ranges as ``first-last``."""
+    layers = []
+    try:
+        for item in text.split(","):
+            first, _, last = item.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like 0,3,8-11, got {text!r}") from None
+    return sorted(set(layers))
+
+
 def _fraction(text: str) -> float:
     """An argparse type: a sparsity in [0, 1)."""
     try:
@@ -179,6 +203,43 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
     }
 
 
+def recorded_layers(plans: list[StagePlan], chosen: list[int] | None) -> list[int]:
+    """The layers llama-save stages record: all of theirs, or the ``--collect-layers``,
+    each of which must run on a save stage (elsewhere nothing would record it)."""
+    on_save = [layer for plan in plans if plan.model_type == SAVE_TYPE for layer in plan.layers]
+    for layer in chosen or []:
+        owner = next((plan for plan in plans if layer in plan.layers), None)
+        if owner is None:
+            raise PlanError(
+                f"--collect-layers: layer {layer} is not run (this pipeline runs layers 0-{plans[-1].layers.stop - 1})"
+            )
+        if owner.model_type != SAVE_TYPE:
+            raise PlanError(
+                f"--collect-layers: layer {layer} runs on stage {owner.rank} as {owner.model_type!r}, which records"
+                f" nothing; make that stage {SAVE_TYPE} (--model-type or --stage-model-types)"
+            )
+    return on_save if chosen is None else chosen
+
+
+def check_collect_space(args, plans: list[StagePlan], save_layers: list[int], config: ModelConfig, rank: int) -> None:
+    """Print what the collection may write and refuse, before anything starts, when this
+    node's share at full capacity does not fit its collect dir's disk. A node's ranks are
+    torchrun's consecutive local ranks; a disk shared by several nodes is counted per node."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node = range(rank - local_rank, rank - local_rank + int(os.environ.get("LOCAL_WORLD_SIZE", len(plans))))
+    layers = [layer for plan in plans if plan.rank in node for layer in plan.layers if layer in save_layers]
+    estimate = disk_estimate(config, args.collect_dtype, Path(args.collect_dir), layers, args.collect_capacity)
+    if local_rank == 0:
+        print(f"collect: {estimate.describe()}", file=sys.stderr, flush=True)
+    if estimate.missing_bytes > 0:
+        if not args.collect_ignore_disk_space:
+            raise CollectError(
+                f"{estimate.describe()}: the files would not fit; lower --collect-capacity, record fewer layers"
+                " (--collect-layers), or pass --collect-ignore-disk-space"
+            )
+        warnings.warn(f"{args.collect_dir}: {estimate.describe()}", stacklevel=2)
+
+
 def load_npt_checkpoint(path: str | None, plans: list[StagePlan], config: ModelConfig) -> NPTCheckpoint | None:
     """The NPT checkpoint, once it is known to fit the model and every layer it converts
     to run on an NPT stage: on any other stage the layer would silently run as the original."""
@@ -203,10 +264,11 @@ def block_options(
     args, plan: StagePlan, save_layers: list[int], config: ModelConfig, model_dir: Path, npt: NPTCheckpoint | None
 ) -> dict:
     """What this stage's block type needs beyond the shards: a collector, an NPT checkpoint."""
-    if plan.model_type == SAVE_TYPE:
+    recorded = [layer for layer in plan.layers if layer in save_layers]
+    if plan.model_type == SAVE_TYPE and recorded:
         collector = ActivationCollector(
             args.collect_dir,
-            list(plan.layers),
+            recorded,
             save_layers,
             config,
             model_dir,
@@ -254,11 +316,12 @@ def run(args: argparse.Namespace) -> None:
     head_cost = config.vocab_size * config.hidden_size / config.layer_parameters() if args.balance_head else 0.0
     plans = make_plans(config.num_layers, world_size, args.stage_types, args.num_layers, args.max_layers, head_cost)
     plan = plans[rank]
-    save_layers = [layer for p in plans if p.model_type == SAVE_TYPE for layer in p.layers]
+    save_layers = recorded_layers(plans, args.collect_layers)
     if save_layers:
         if not args.collect_dir:
             raise ValueError(f"{SAVE_TYPE} stages need --collect-dir")
         check_collect_dir(Path(args.collect_dir), args.collect_resume)  # every rank, before any writes
+        check_collect_space(args, plans, save_layers, config, rank)
     npt = load_npt_checkpoint(args.npt_checkpoint, plans, config)
     backend = args.dist_backend or default_backend()
     device = device_for(backend)

@@ -39,8 +39,12 @@ def _npt(spec: BlockSpec) -> nn.Module:
 
 
 def _save(spec: BlockSpec) -> nn.Module:
+    """A save block where the collector records this layer (--collect-layers), the plain block elsewhere."""
+    collector = spec.options.get("collector")
+    if collector is None or spec.layer_index not in collector.layers:
+        return _plain(spec)
     block = LlamaSaveBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
-    block.recorder = spec.options["collector"]
+    block.recorder = collector
     return block
 
 

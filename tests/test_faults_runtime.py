@@ -136,12 +136,12 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
-def collect_in_process(model_dir, tmp_path, collect_dir, capsys) -> tuple[int, str]:
+def collect_in_process(model_dir, tmp_path, collect_dir, capsys, extra=()) -> tuple[int, str]:
     from launch.infer import main
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS * 3])
     out = tmp_path / f"{collect_dir.name}.jsonl"
-    code = main(infer_args(model_dir, prompts, out, [*SETTINGS, "--collect-dir", str(collect_dir)]))
+    code = main(infer_args(model_dir, prompts, out, [*SETTINGS, "--collect-dir", str(collect_dir), *extra]))
     assert out.exists() == (code == 0)
     return code, capsys.readouterr().err
 
@@ -152,8 +152,10 @@ def test_disk_full_while_collecting(tiny_shard_dir, tmp_path, tiny_tmpfs, capsys
     assert code == 0, err
     _, reference = read_dataset(tmp_path / "complete")
 
-    with pytest.warns(UserWarning, match="collection may write up to .* GB but only .* GB are free"):
-        code, err = collect_in_process(tiny_shard_dir, tmp_path, tiny_tmpfs / "collect", capsys)
+    with pytest.warns(UserWarning, match="may write up to .* GB, .* GB free in"):
+        code, err = collect_in_process(
+            tiny_shard_dir, tmp_path, tiny_tmpfs / "collect", capsys, ["--collect-ignore-disk-space"]
+        )
     assert code == 1
     assert "error (rank 0): " in err and ".mmap: writing rows" in err and "No space left on device" in err, err
     assert_published_rows_are_valid(tiny_tmpfs / "collect", reference, at_least=1)
