@@ -20,7 +20,9 @@ from fault_scenarios import (
     PROMPTS,
     SETTINGS,
     leftover_temporary_files,
+    node_of,
     rank_pid,
+    start_nodes,
     start_ranks,
     start_torchrun,
     wait_until_decoding,
@@ -32,6 +34,7 @@ from engine.collect_manifest import recorded_rows
 pytestmark = pytest.mark.slow
 PROGRESS_ROWS = 60
 TIMEOUT = 5  # --dist-timeout of the runs that must stop by themselves
+NODE_TIMEOUT = 30  # the two "nodes" start slower: torchrun agents meeting at a rendezvous
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,36 @@ def test_survivor_stops_by_itself(tiny_shard_dir, reference, tmp_path, fault):
         assert seconds >= TIMEOUT - 1
     assert_nothing_half_written(run)
     assert_published_rows_are_valid(run.collect_dir, reference)
+
+
+def test_lost_node_stops_the_other_and_the_join_claims_only_written_rows(tiny_shard_dir, reference, tmp_path):
+    """Two "nodes", a collect dir each: the node of rank 1 dies whole (agent and rank) mid-decode.
+    Rank 0, on the other node, stops by itself, names rank 1, and keeps its rows; the
+    joined dataset claims only rows that both nodes' parts published."""
+    run = start_nodes(tiny_shard_dir, tmp_path, ["--dist-timeout", str(NODE_TIMEOUT)])
+    try:
+        wait_until_decoding(run, PROGRESS_ROWS)
+        victim = rank_pid(run, 1)
+        survivor = psutil.Process(rank_pid(run, 0))
+        node = node_of(run, victim)
+        run.procs[node].kill()
+        os.kill(victim, signal.SIGKILL)
+        start = time.monotonic()
+        survivor.wait(timeout=NODE_TIMEOUT + 30)
+        seconds = time.monotonic() - start
+        run.procs[1 - node].wait(timeout=60)
+    finally:
+        run.kill_all()
+    err = run.logs[1 - node].read_text()
+    assert seconds < NODE_TIMEOUT, err[-3000:]
+    lost = r"error \(rank 0\): lost contact while (receiving from|sending to) rank 1: its connection closed"
+    assert re.search(lost, err), err[-3000:]
+    assert not run.out.exists()
+    from engine.collect_join import main as join
+
+    assert join([str(run.collect_dir), *map(str, run.node_dirs)]) == 0
+    manifest = assert_published_rows_are_valid(run.collect_dir, reference)
+    assert min(manifest["rows"].values()) > 0
 
 
 def test_ctrl_c_stops_every_rank_and_keeps_rows(tiny_shard_dir, reference, tmp_path):
