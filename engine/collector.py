@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,21 @@ def disk_estimate(config: ModelConfig, dtype: str, collect_dir: Path, layers: li
     existing = next(p for p in (collect_dir, *collect_dir.parents) if p.exists())  # the disk it will be on
     per_row = sum(array_widths(config).values()) * np.dtype(dtype).itemsize
     return DiskEstimate(collect_dir, per_row, len(layers), max(0, rows), shutil.disk_usage(existing).free)
+
+
+def check_disk_space(estimate: DiskEstimate, allow: bool, announce: bool) -> None:
+    """Say (``announce``) what the collection may write; refuse, before anything starts, when
+    it cannot fit, or only warn when ``allow`` (--collect-ignore-disk-space)."""
+    if announce:
+        print(f"collect: {estimate.describe()}", file=sys.stderr, flush=True)
+    if estimate.missing_bytes <= 0:
+        return
+    if not allow:
+        raise CollectError(
+            f"{estimate.describe()}: the files would not fit; lower --collect-capacity, record fewer layers"
+            " (--collect-layers), or pass --collect-ignore-disk-space"
+        )
+    warnings.warn(estimate.describe(), stacklevel=2)
 
 
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:

@@ -13,7 +13,6 @@ import resource
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch
 
-from engine.collector import ActivationCollector, CollectError, check_collect_dir, disk_estimate
+from engine.collector import ActivationCollector, CollectError, check_collect_dir, check_disk_space, disk_estimate
 from engine.comm import BACKENDS, PeerError, default_backend, device_for, open_communicator
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts, write_jsonl_atomic
@@ -32,7 +31,7 @@ from modules.llama_sparse import SPARSE_MODES, SparseSettings, check_sparsity
 from modules.registry import BUILDERS, BlockSpec, build_block
 from npt.checkpoint import CheckpointError, NPTCheckpoint
 from pipeline.generation import GenerationRules, make_micro_batches, make_sequences
-from pipeline.plan import PlanError, StagePlan, make_plans
+from pipeline.plan import PlanError, StagePlan, make_plans, recorded_layers
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.stage import Stage
 from sparse_predictor.inference import load_predictors, teal_thresholds
@@ -203,41 +202,14 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
     }
 
 
-def recorded_layers(plans: list[StagePlan], chosen: list[int] | None) -> list[int]:
-    """The layers llama-save stages record: all of theirs, or the ``--collect-layers``,
-    each of which must run on a save stage (elsewhere nothing would record it)."""
-    on_save = [layer for plan in plans if plan.model_type == SAVE_TYPE for layer in plan.layers]
-    for layer in chosen or []:
-        owner = next((plan for plan in plans if layer in plan.layers), None)
-        if owner is None:
-            raise PlanError(
-                f"--collect-layers: layer {layer} is not run (this pipeline runs layers 0-{plans[-1].layers.stop - 1})"
-            )
-        if owner.model_type != SAVE_TYPE:
-            raise PlanError(
-                f"--collect-layers: layer {layer} runs on stage {owner.rank} as {owner.model_type!r}, which records"
-                f" nothing; make that stage {SAVE_TYPE} (--model-type or --stage-model-types)"
-            )
-    return on_save if chosen is None else chosen
-
-
 def check_collect_space(args, plans: list[StagePlan], save_layers: list[int], config: ModelConfig, rank: int) -> None:
-    """Print what the collection may write and refuse, before anything starts, when this
-    node's share at full capacity does not fit its collect dir's disk. A node's ranks are
-    torchrun's consecutive local ranks; a disk shared by several nodes is counted per node."""
+    """The disk check for this node's share of the collection; its ranks are torchrun's
+    consecutive local ranks (a disk shared by several nodes is counted per node)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     node = range(rank - local_rank, rank - local_rank + int(os.environ.get("LOCAL_WORLD_SIZE", len(plans))))
     layers = [layer for plan in plans if plan.rank in node for layer in plan.layers if layer in save_layers]
     estimate = disk_estimate(config, args.collect_dtype, Path(args.collect_dir), layers, args.collect_capacity)
-    if local_rank == 0:
-        print(f"collect: {estimate.describe()}", file=sys.stderr, flush=True)
-    if estimate.missing_bytes > 0:
-        if not args.collect_ignore_disk_space:
-            raise CollectError(
-                f"{estimate.describe()}: the files would not fit; lower --collect-capacity, record fewer layers"
-                " (--collect-layers), or pass --collect-ignore-disk-space"
-            )
-        warnings.warn(f"{args.collect_dir}: {estimate.describe()}", stacklevel=2)
+    check_disk_space(estimate, args.collect_ignore_disk_space, announce=local_rank == 0)
 
 
 def load_npt_checkpoint(path: str | None, plans: list[StagePlan], config: ModelConfig) -> NPTCheckpoint | None:
@@ -316,7 +288,7 @@ def run(args: argparse.Namespace) -> None:
     head_cost = config.vocab_size * config.hidden_size / config.layer_parameters() if args.balance_head else 0.0
     plans = make_plans(config.num_layers, world_size, args.stage_types, args.num_layers, args.max_layers, head_cost)
     plan = plans[rank]
-    save_layers = recorded_layers(plans, args.collect_layers)
+    save_layers = recorded_layers(plans, SAVE_TYPE, args.collect_layers)
     if save_layers:
         if not args.collect_dir:
             raise ValueError(f"{SAVE_TYPE} stages need --collect-dir")
