@@ -35,8 +35,6 @@ from engine.collect_manifest import (
 )
 from engine.config import ModelConfig
 
-__all__ = ["ARRAYS", "ActivationCollector", "CollectError", "array_path", "array_widths", "check_collect_dir"]
-
 ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
