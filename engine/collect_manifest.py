@@ -44,7 +44,7 @@ def header_mismatch(manifest: dict, header: dict) -> str | None:
         if key not in ("model", "rows", "full", "inputs", "part_layers") and manifest.get(key) != value:
             return f"{key} is {manifest.get(key)!r}, not {value!r}"
     if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
-        return f"collected from {manifest['model']['path']}, not from {header['model']['path']} (another model)"
+        return f"collected from {manifest['model']['path']}, a different model than {header['model']['path']}"
     return None
 
 

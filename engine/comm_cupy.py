@@ -24,17 +24,22 @@ def check_cupy_nccl() -> None:
     """Refuse up front, on every rank, where the backend cannot run."""
     if not torch.cuda.is_available():
         raise ValueError("--dist-backend cupy_nccl needs CUDA, which is not available on this machine")
+    _nccl()
+
+
+def _nccl():
+    """cupy's NCCL module (an optional dependency: the gpu extra)."""
     try:
-        from cupy.cuda import nccl  # noqa: F401
+        from cupy.cuda import nccl
     except ImportError as e:
         raise ValueError(
             f"--dist-backend cupy_nccl needs cupy with NCCL (pip install 'dejavu-llama[gpu]', i.e. cupy-cuda12x): {e}"
         ) from None
+    return nccl
 
 
 def nccl_dtype(dtype: torch.dtype) -> int:
-    from cupy.cuda import nccl
-
+    nccl = _nccl()
     types = {
         torch.float32: nccl.NCCL_FLOAT32,
         torch.float16: nccl.NCCL_FLOAT16,
@@ -54,8 +59,7 @@ class Link:
     sender is its rank 0) and the stream its transfers run on."""
 
     def __init__(self, index: int, sending: bool, store, device: torch.device):
-        from cupy.cuda import nccl
-
+        nccl = _nccl()
         key = f"cupy_nccl/link{index}"
         if sending:
             unique_id = nccl.get_unique_id()

@@ -89,7 +89,7 @@ def edited_copy(directory, target, **changes):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"model": {"config_sha256": "0" * 64}}, "another model"),
+        ({"model": {"config_sha256": "0" * 64}}, "a different model"),
         ({"capacity": 300}, "capacity is 300, not 200"),
         ({"dtype": "float32"}, "dtype is 'float32', not 'float16'"),
     ],

@@ -306,9 +306,10 @@ def test_bad_sparse_input_is_refused_before_generation(tiny_shard_dir, predictor
     other_model.mkdir()
     for f in collected.iterdir():
         (other_model / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((other_model / "manifest.json").read_text())
+    (part,) = other_model.glob("manifest-part-*.json")  # one stage collected
+    manifest = json.loads(part.read_text())
     manifest["model"]["config_sha256"] = "0" * 64
-    (other_model / "manifest.json").write_text(json.dumps(manifest))
+    part.write_text(json.dumps(manifest))
     refused(sparse_args("teal", 0.5, collected=other_model), str(other_model), "same model")
 
     refused(sparse_args("predictor", 1.0, predictors), "--mlp-sparsity", by_argparse=True)
