@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.collect_manifest import MANIFEST, CollectError, merge_parts, read_parts, write_part
-from engine.collector import ARRAYS, array_path
+from engine.collect_manifest import merge_parts, read_parts, write_part
+from engine.dataset_format import ARRAYS, MANIFEST, CollectError, array_path
 
 
 def join(out: Path, dirs: list[Path]) -> dict:

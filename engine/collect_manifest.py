@@ -10,31 +10,19 @@ manifest, the same fields a part has, rows for every layer). Readers take
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
-from engine.shards import write_json_atomic
+from engine.atomic import write_json_atomic
+from engine.dataset_format import MANIFEST, CollectError
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 PART_PATTERN = re.compile(r"manifest-part-(\d+)-(\d+)\.json")
 JOIN_COMMAND = "python -m engine.collect_join OUT DIR..."
 
 
-class CollectError(RuntimeError):
-    """The collect directory cannot be used as asked (would overwrite, resume or join mismatches)."""
-
-
 def part_name(layers: list[int]) -> str:
     return f"manifest-part-{min(layers)}-{max(layers)}.json"
-
-
-def model_fingerprint(model_dir: Path) -> dict:
-    """What identifies a model for resume and join: its config, by content."""
-    text = (model_dir / "config.json").read_bytes()
-    return {"path": str(model_dir.resolve()), "config_sha256": hashlib.sha256(text).hexdigest()}
 
 
 def header_mismatch(manifest: dict, header: dict) -> str | None:

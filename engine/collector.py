@@ -22,35 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.collect_manifest import (
+from engine.collect_manifest import header_mismatch, part_name, read_parts, recorded_rows, write_part
+from engine.config import ModelConfig
+from engine.dataset_format import (
+    ARRAYS,
     FORMAT_VERSION,
     MANIFEST,
     CollectError,
-    header_mismatch,
+    array_path,
+    array_widths,
     model_fingerprint,
-    part_name,
-    read_parts,
-    recorded_rows,
-    write_part,
 )
-from engine.config import ModelConfig
 
-ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
-
-
-def array_widths(config: ModelConfig) -> dict[str, int]:
-    return {
-        "att_x": config.hidden_size,
-        "att_label": config.num_heads,
-        "mlp_x": config.hidden_size,
-        "mlp_label": config.intermediate_size,
-    }
-
-
-def array_path(collect_dir: Path, name: str, layer: int) -> Path:
-    return collect_dir / f"{name}_{layer}.mmap"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config import ModelConfig
 from engine.shards import EMBEDDINGS, LM_HEAD
 
 
@@ -14,6 +15,12 @@ class PlanError(ValueError):
 def _even(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (r < extra) for r in range(parts)]
+
+
+def lm_head_cost(config: ModelConfig) -> float:
+    """The LM head's decode work in layers (its weights over a layer's): what
+    ``last_stage_extra`` takes to balance the stages (``--balance-head``)."""
+    return config.vocab_size * config.hidden_size / config.layer_parameters()
 
 
 def split_layers(
@@ -84,19 +91,19 @@ def make_plans(
     return [StagePlan(r, world_size, ranges[r], model_types[r]) for r in range(world_size)]
 
 
-def recorded_layers(plans: list[StagePlan], save_type: str, chosen: list[int] | None) -> list[int]:
-    """The layers the ``save_type`` stages record: all of theirs, or the ``chosen`` ones
+def recorded_layers(plans: list[StagePlan], save_types: set[str], chosen: tuple[int, ...] | None) -> list[int]:
+    """The layers the stages of ``save_types`` record: all of theirs, or the ``chosen`` ones
     (--collect-layers), each of which must run on such a stage: elsewhere nothing records it."""
-    on_save = [layer for plan in plans if plan.model_type == save_type for layer in plan.layers]
-    for layer in chosen or []:
+    on_save = [layer for plan in plans if plan.model_type in save_types for layer in plan.layers]
+    for layer in chosen or ():
         owner = next((plan for plan in plans if layer in plan.layers), None)
         if owner is None:
             raise PlanError(
                 f"--collect-layers: layer {layer} is not run (this pipeline runs layers 0-{plans[-1].layers.stop - 1})"
             )
-        if owner.model_type != save_type:
+        if owner.model_type not in save_types:
             raise PlanError(
                 f"--collect-layers: layer {layer} runs on stage {owner.rank} as {owner.model_type!r}, which records"
-                f" nothing; make that stage {save_type} (--model-type or --stage-model-types)"
+                " nothing; make that stage llama-save (--model-type or --stage-model-types)"
             )
-    return on_save if chosen is None else chosen
+    return on_save if chosen is None else list(chosen)

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.collect_manifest import model_fingerprint, read_manifest
+from engine.collect_manifest import read_manifest
 from engine.config import ModelConfig
+from engine.dataset_format import model_fingerprint
 from engine.shards import load_untrusted
 from modules.llama_sparse import LayerPredictor
 from sparse_predictor.data import Collection

@@ -13,7 +13,8 @@ from fault_scenarios import free_port
 from pipeline_helpers import hf_greedy, infer_args, read_dataset, run_infer, start_node, write_prompts
 
 from engine.collect_join import main as join_main
-from engine.collect_manifest import CollectError, read_manifest
+from engine.collect_manifest import read_manifest
+from engine.dataset_format import CollectError
 from sparse_predictor.data import Collection
 
 pytestmark = pytest.mark.slow
