@@ -1,5 +1,6 @@
-"""Issue 15's predictability study: how well low-rank predictors find SwiGLU's active units,
-against sparsity, predictor size, embedding drift, lookahead and attention heads.
+"""Issue 15's study: how well low-rank predictors find SwiGLU's active units, and why.
+
+Recall against sparsity, predictor size, embedding drift, lookahead and attention heads.
 
     python -m sparse_predictor.study --data-dir COLLECT --model-name MODEL --out OUT \\
         [--publish findings/sparse] [--threads 1] [--quick]
