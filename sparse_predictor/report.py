@@ -45,7 +45,7 @@ def _mean(sec: dict, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _axes(title: str, xlabel: str = "layer", ylabel: str = "fraction") -> tuple[plt.Figure, plt.Axes]:
+def new_axes(title: str, xlabel: str = "layer", ylabel: str = "fraction") -> tuple[plt.Figure, plt.Axes]:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02))
     ax.grid(alpha=0.3)
@@ -54,7 +54,7 @@ def _axes(title: str, xlabel: str = "layer", ylabel: str = "fraction") -> tuple[
     return fig, ax
 
 
-def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> str:
+def save_plot(fig: plt.Figure, ax: plt.Axes, path: Path) -> str:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -63,20 +63,20 @@ def _save(fig: plt.Figure, ax: plt.Axes, path: Path) -> str:
 
 
 def plot_recall(sec: dict, kind: str, path: Path) -> str:
-    fig, ax = _axes(f"Predictor recall per layer: {HEADINGS[kind]}", ylabel="recall")
+    fig, ax = new_axes(f"Predictor recall per layer: {HEADINGS[kind]}", ylabel="recall")
     if kind == "mlp":
         ax.axhspan(*OPT_RECALL, color="tab:green", alpha=0.15, label="DejaVu on OPT (93-99%)")
         ax.axhspan(*LLAMA3_8B_RECALL, color="tab:red", alpha=0.12, label="reported on Llama 3 8B (60-70%)")
     ax.plot(_layers(sec), _series(sec, "recall"), "o-", label="recall (logit >= 0)")
     ax.plot(_layers(sec), _series(sec, "recall_at_true_sparsity"), "s--", label="recall keeping #truly active")
-    return _save(fig, ax, path)
+    return save_plot(fig, ax, path)
 
 
 def plot_sparsity(sec: dict, kind: str, path: Path) -> str:
-    fig, ax = _axes(f"Sparsity per layer: {HEADINGS[kind]}", ylabel="fraction inactive")
+    fig, ax = new_axes(f"Sparsity per layer: {HEADINGS[kind]}", ylabel="fraction inactive")
     ax.plot(_layers(sec), _series(sec, "true_sparsity"), "o-", label="true sparsity (labels)")
     ax.plot(_layers(sec), _series(sec, "classifier_sparsity"), "s--", label="classifier sparsity (predicted inactive)")
-    return _save(fig, ax, path)
+    return save_plot(fig, ax, path)
 
 
 def curve_layers(layers: list[int], count: int = CURVE_LAYERS) -> list[int]:
@@ -88,7 +88,7 @@ def curve_layers(layers: list[int], count: int = CURVE_LAYERS) -> list[int]:
 
 def plot_curves(sec: dict, kind: str, path: Path) -> str:
     xlabel = "sparsity (fraction dropped per token; the top by logit are kept)"
-    fig, ax = _axes(f"Recall vs sparsity: {HEADINGS[kind]}", xlabel=xlabel, ylabel="recall")
+    fig, ax = new_axes(f"Recall vs sparsity: {HEADINGS[kind]}", xlabel=xlabel, ylabel="recall")
     grid: list[float] = []
     for layer in curve_layers(_layers(sec)):
         curve = sec["layers"][str(layer)]["curve"]
@@ -98,21 +98,22 @@ def plot_curves(sec: dict, kind: str, path: Path) -> str:
     true_sparsity = _mean(sec, "true_sparsity")
     if true_sparsity is not None:
         ax.axvline(true_sparsity, color="grey", ls="--", lw=1, label=f"true sparsity ({true_sparsity:.2f})")
-    return _save(fig, ax, path)
+    return save_plot(fig, ax, path)
 
 
 def plot_drift(drift: dict, path: Path) -> str:
-    fig, ax = _axes("Residual-stream drift between layers", ylabel="mean cosine similarity of att_x")
+    fig, ax = new_axes("Residual-stream drift between layers", ylabel="mean cosine similarity of att_x")
     layers = sorted(int(layer) for layer in drift["layers"])
     values = [drift["layers"][str(layer)] for layer in layers]
     cos_first = [v["cos_first"] for v in values]
     ax.plot(layers, [NAN if v["cos_next"] is None else v["cos_next"] for v in values], "o-", label="cos(layer l, l+1)")
     ax.plot(layers, cos_first, "s--", label=f"cos(layer l, layer {drift['first_layer']})")
+    ax.plot(layers, [v["cos_mlp"] for v in values], "^:", label="cos(att_x, mlp_x) of layer l (across attention)")
     ax.set_ylim(min(0.0, *cos_first), 1.02)
-    return _save(fig, ax, path)
+    return save_plot(fig, ax, path)
 
 
-def _fmt(value: float | None, spec: str = ".3f") -> str:
+def fmt(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
 
@@ -123,11 +124,11 @@ def summary(sec: dict, kind: str) -> str:
         return "No layer had truly active units in its test rows."
     worst, best = min(recalls, key=recalls.get), max(recalls, key=recalls.get)
     text = (
-        f"Over {len(recalls)} layers: mean recall {_fmt(_mean(sec, 'recall'))} (worst {recalls[worst]:.3f} at "
+        f"Over {len(recalls)} layers: mean recall {fmt(_mean(sec, 'recall'))} (worst {recalls[worst]:.3f} at "
         f"layer {worst}, best {recalls[best]:.3f} at layer {best}) at mean classifier sparsity "
-        f"{_fmt(_mean(sec, 'classifier_sparsity'))} against true sparsity {_fmt(_mean(sec, 'true_sparsity'))}. "
+        f"{fmt(_mean(sec, 'classifier_sparsity'))} against true sparsity {fmt(_mean(sec, 'true_sparsity'))}. "
         f"Keeping exactly as many per token as are truly active, mean recall is "
-        f"{_fmt(_mean(sec, 'recall_at_true_sparsity'))}."
+        f"{fmt(_mean(sec, 'recall_at_true_sparsity'))}."
     )
     if kind == "mlp":
         below = sum(r < OPT_RECALL[0] for r in recalls.values())
@@ -146,9 +147,9 @@ def layer_table(sec: dict) -> list[str]:
         e = sec["layers"][str(layer)]
         rule = f"top {e['heads_kept']}" if e["threshold"] is None else f"\\|y\\| > {e['threshold']:.4g}"
         rows.append(
-            f"| {layer} | {_fmt(e['recall'])} | {_fmt(e['precision'])} | {_fmt(e['recall_at_true_sparsity'])} "
-            f"| {_fmt(e['true_sparsity'])} | {_fmt(e['classifier_sparsity'])} "
-            f"| {_fmt(e['val_at_best_epoch']['recall'])} | {rule} | {e['train_rows']} | {e['val_rows']} "
+            f"| {layer} | {fmt(e['recall'])} | {fmt(e['precision'])} | {fmt(e['recall_at_true_sparsity'])} "
+            f"| {fmt(e['true_sparsity'])} | {fmt(e['classifier_sparsity'])} "
+            f"| {fmt(e['val_at_best_epoch']['recall'])} | {rule} | {e['train_rows']} | {e['val_rows']} "
             f"| {e['test_rows']} | {e['rows_per_second']:.0f} |"
         )
     return rows
@@ -207,11 +208,11 @@ def drift_lines(drift: dict, out: Path) -> list[str]:
         f"{drift['layers'][str(layers[-1])]['cos_first']:.3f} with layer {drift['first_layer']} "
         f"({drift['rows']} tokens evenly spread over the collection; `att_x`, the layer input).",
         "",
-        f"| layer | cos with layer l+1 | cos with layer {drift['first_layer']} |",
-        "|---:|---:|---:|",
+        f"| layer | cos with layer l+1 | cos with layer {drift['first_layer']} | cos with its MLP input |",
+        "|---:|---:|---:|---:|",
     ]
     for layer, v in zip(layers, values, strict=True):
-        lines.append(f"| {layer} | {_fmt(v['cos_next'])} | {_fmt(v['cos_first'])} |")
+        lines.append(f"| {layer} | {fmt(v['cos_next'])} | {fmt(v['cos_first'])} | {fmt(v['cos_mlp'])} |")
     if drift["gaps"]:
         gaps = ", ".join(f"{a}->{b}" for a, b in drift["gaps"])
         lines += ["", f"Skipped for cos(l, l+1) because the layers in between were not recorded: {gaps}."]
@@ -244,7 +245,8 @@ def write_report(out_dir: str | Path) -> Path:
         sec = section(metrics, kind)
         if sec is not None:
             lines += kind_lines(sec, kind, out)
-    lines += ["## Embedding drift", "", *drift_lines(metrics.get("drift", {"layers": {}}), out)]
+    drift = drift_lines(metrics["drift"], out) if "drift" in metrics else ["Not measured (`--drift-rows 0`)."]
+    lines += ["## Embedding drift", "", *drift]
     path = out / REPORT_FILE
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from sparse_predictor.drift import embedding_drift
 from sparse_predictor.labels import abs_quantile, heads_kept
 from sparse_predictor.predictor import KINDS, Task, low_rank_predictor
 from sparse_predictor.report import write_report
-from sparse_predictor.results import write_metrics
+from sparse_predictor.results import METRICS_FILE, read_metrics, section, write_metrics
 from sparse_predictor.trainer import SELECT_METRICS, LayerData, Settings, evaluate, train_layer
 
 CHECKPOINT_FORMAT = 1
@@ -58,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-fraction", type=float, default=0.1, help="rows (whole blocks) held out to measure the metrics on"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drift-rows", type=int, default=20000, help="tokens sampled for the embedding drift")
+    p.add_argument(
+        "--drift-rows", type=int, default=20000, help="tokens sampled for the embedding drift (0: not measured)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the layers a run with the same settings already finished in --out; train only the rest",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -151,39 +159,71 @@ def run_config(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+#: Settings that may differ between a run and the run it resumes: they do not change a layer's result.
+RESUME_FREE = ("layers", "resume", "device")
+
+
+def finished_layers(args: argparse.Namespace) -> dict:
+    """The layer entries of ``--out``'s metrics.json that ``--resume`` keeps: those of a run
+    with the same settings whose checkpoint is there. Other settings are an error, since
+    their layers and ours would be reported as one run."""
+    try:
+        sec = section(read_metrics(args.out), args.kind)
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:  # an older trainer's file
+        raise SystemExit(f"--resume: {e}") from None
+    if sec is None:
+        return {}
+    ours, theirs = run_config(args), sec["config"]
+    differ = sorted(k for k in ours.keys() | theirs.keys() if k not in RESUME_FREE and ours.get(k) != theirs.get(k))
+    if differ:
+        raise SystemExit(f"--resume: {args.out / METRICS_FILE} was trained with other settings ({', '.join(differ)})")
+    return {layer: e for layer, e in sec["layers"].items() if (args.out / e["checkpoint"]).is_file()}
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if args.kind == "att" and (args.threshold is not None or args.target_sparsity is not None or args.lookahead):
         raise SystemExit("--threshold, --target-sparsity and --lookahead apply to --kind mlp only")
     if not (args.val_fraction > 0 and args.test_fraction > 0 and args.val_fraction + args.test_fraction < 1):
         raise SystemExit("--val-fraction and --test-fraction must be positive, with a sum below 1")
+    if args.drift_rows < 0:
+        raise SystemExit("--drift-rows must be 0 (not measured) or positive")
     collection = Collection.open(args.data_dir)
     config = ModelConfig.from_model_dir(args.model_name)
     check_model(collection, config, args.model_name)
     layers = resolve_layers(args.layers, collection)
     args.out.mkdir(parents=True, exist_ok=True)
+    done = finished_layers(args) if args.resume else {}
     results = {}
     for layer in layers:  # metrics after each layer: an interrupted run keeps the finished ones
-        results[str(layer)] = train_one(args, collection, config, layer)
+        key = str(layer)
+        results[key] = done[key] if key in done else train_one(args, collection, config, layer)
         write_metrics(args.out, args.kind, results, run_config(args), drift=None)
-    drift = embedding_drift(collection, args.drift_rows)
+    drift = embedding_drift(collection, args.drift_rows) if args.drift_rows > 0 else None
     path = write_metrics(args.out, args.kind, results, run_config(args), drift)
     report = write_report(args.out)
     print(f"metrics: {path}\nreport: {report}")
     return report
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``main`` with errors and Ctrl-C as one line each, not a traceback."""
+def run_cli(entry: Callable[[list[str] | None], object], argv: list[str] | None, interrupted: str) -> int:
+    """``entry(argv)`` with errors and Ctrl-C as one line each (``interrupted`` says what is
+    kept), not a traceback; returns the exit status."""
     try:
-        main(argv)
+        entry(argv)
     except (CollectError, ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the finished layers' checkpoints and metrics.json are kept", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv, "the finished layers' checkpoints and metrics.json are kept")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from predictor_reference import mlp_test_metrics, rows_of_blocks
 
 from sparse_predictor import report
 from sparse_predictor.data import CollectError, Collection, split_rows
@@ -102,12 +103,6 @@ def test_reads_what_the_save_mode_collector_wrote(tmp_path, model_dir):
     for name, values in recorded.items():
         got = collection.read(collection.array(name, 2), np.arange(5)).float()
         torch.testing.assert_close(got, values[real].half().float())
-
-
-def rows_of_blocks(definition: dict, blocks: str) -> np.ndarray:
-    """The rows a split definition assigns to its listed blocks, recomputed by hand."""
-    size, n = definition["block_rows"], definition["num_rows"]
-    return np.array([r for b in definition[blocks] for r in range(b * size, min((b + 1) * size, n))], dtype=int)
 
 
 def test_split_is_disjoint_deterministic_and_blockwise():
@@ -267,32 +262,31 @@ def test_reported_metrics_are_the_saved_predictor_on_held_out_test_rows(tmp_path
     entry = json.loads((out / "metrics.json").read_text())["layers"][str(layer)]
     split = entry["split"]
     assert (split["num_rows"], split["seed"], split["val_fraction"], split["test_fraction"]) == (ROWS, 5, 0.1, 0.15)
-    test, val = rows_of_blocks(split, "test_blocks"), rows_of_blocks(split, "val_blocks")
-    train = np.setdiff1d(np.arange(ROWS), np.union1d(test, val))
+    want = mlp_test_metrics(data_dir, model_dir, out / entry["checkpoint"], split)
+    train, val, test = want["train_rows"], want["val_rows"], want["test_rows"]
     assert len(np.intersect1d(test, val)) == 0
     assert (len(train), len(val), len(test)) == (entry["train_rows"], entry["val_rows"], entry["test_rows"])
     assert 0.13 < len(test) / ROWS < 0.17
-
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-
-    def collected(stem: str, width: int) -> np.ndarray:
-        mm = np.memmap(data_dir / f"{stem}_{layer}.mmap", dtype=np.float16, mode="r")
-        return mm.reshape(manifest["capacity"], width)[: manifest["rows"][str(layer)]].astype(np.float64)
-
-    checkpoint = torch.load(out / f"mlp_layer_{layer}.pt", weights_only=True)
-    y, threshold = np.abs(collected("mlp_label", 64)), checkpoint["threshold"]
-    assert threshold == pytest.approx(np.quantile(y[train].astype(np.float32), 0.5), rel=1e-6)  # training rows only
-    x = collected("mlp_x", 32)[test]
-    norm = torch.load(model_dir / f"pytorch_{layer}.pt", weights_only=True)["post_attention_layernorm.weight"]
-    eps = checkpoint["input"]["rms_norm_eps"]
-    xn = norm.double().numpy() * x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps)
-    w0, w1 = (checkpoint["state_dict"][k].double().numpy() for k in ("0.weight", "1.weight"))
-    predicted, active = xn @ w0.T @ w1.T >= 0, y[test] > threshold
-    hits = (predicted & active).sum()
-    assert entry["true_sparsity"] == pytest.approx(1 - active.mean(), abs=1e-12)
-    assert entry["recall"] == pytest.approx(hits / active.sum(), abs=1e-4)
-    assert entry["precision"] == pytest.approx(hits / predicted.sum(), abs=1e-4)
+    threshold = torch.load(out / entry["checkpoint"], weights_only=True)["threshold"]
+    assert threshold == pytest.approx(np.quantile(want["train_labels"].astype(np.float32), 0.5), rel=1e-6)
+    assert entry["true_sparsity"] == pytest.approx(want["true_sparsity"], abs=1e-12)
+    assert entry["recall"] == pytest.approx(want["recall"], abs=1e-4)
+    assert entry["precision"] == pytest.approx(want["precision"], abs=1e-4)
     assert entry["val_at_best_epoch"]["true_sparsity"] != entry["true_sparsity"]
+
+
+def test_resume_keeps_finished_layers_and_refuses_other_settings(tmp_path, data_dir, model_dir):
+    out = tmp_path / "out"
+    args = ["--data-dir", str(data_dir), "--model-name", str(model_dir), "--out", str(out), *FAST]
+    args[args.index("--drift-rows") + 1] = "0"
+    main([*args, "--layers", "0"])
+    first = (out / "mlp_layer_0.pt").stat().st_mtime_ns
+    main([*args, "--layers", "0,1", "--resume"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["layers"]) == {"0", "1"} and (out / "mlp_layer_0.pt").stat().st_mtime_ns == first
+    assert "drift" not in metrics and "Not measured" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="other settings .*D"):
+        main([*args, "--layers", "0", "--resume", "--D", "8"])
 
 
 def test_tail_rows_never_reach_the_trainer(tmp_path, data_dir, model_dir):
@@ -318,6 +312,7 @@ def test_drift_matches_numpy_and_skips_gaps(data_dir):
     assert drift["layers"]["0"]["cos_next"] == pytest.approx(cosine(x[0], x[1]), abs=1e-5)
     assert drift["layers"]["1"]["cos_next"] is None and drift["layers"]["3"]["cos_next"] is None
     assert drift["layers"]["3"]["cos_first"] == pytest.approx(cosine(x[3], x[0]), abs=1e-5)
+    assert drift["layers"]["1"]["cos_mlp"] == pytest.approx(cosine(x[1], raw(data_dir, "mlp_x", 1, 32)), abs=1e-5)
     assert drift["layers"]["0"]["cos_first"] == pytest.approx(1.0, abs=1e-5)
     assert embedding_drift(Collection.open(data_dir), max_rows=100)["rows"] == 100
 
