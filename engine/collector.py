@@ -19,12 +19,16 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.config import ModelConfig
 from engine.shards import write_json_atomic
+
+if TYPE_CHECKING:
+    from modules.llama import RealRows
 
 FORMAT_VERSION = 1
 ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
@@ -214,16 +218,18 @@ class ActivationCollector:
                 stacklevel=2,
             )
 
-    def record(self, layer: int, real: torch.Tensor, **arrays: torch.Tensor) -> None:
-        """Append the rows of real tokens (``real`` (B, T) bool) of one layer's arrays."""
+    def record(self, layer: int, rows: RealRows, **arrays: torch.Tensor) -> None:
+        """Append the real tokens' rows (``rows``, found once per step) of one layer's (B, T, ...)
+        arrays. Nothing here waits for the device: the rows are gathered there and copied
+        to the host by the writer."""
         start = self.rows[layer]
-        count = min(int(real.sum()), self.capacity - start)
+        count = min(rows.count, self.capacity - start)
         if count <= 0:
-            if int(real.sum()):
+            if rows.count:
                 self._mark_full()
             return
         for name, tensor in arrays.items():
-            self._writer.submit(self.files[(name, layer)], start, tensor[real][:count])
+            self._writer.submit(self.files[(name, layer)], start, rows.select(tensor)[:count])
         self.rows[layer] = start + count
         if self.rows[layer] == self.capacity:
             self._mark_full()

@@ -30,7 +30,7 @@ from modules.llama import LlamaEmbeddings, LlamaLMHead
 from modules.llama_sparse import SPARSE_MODES, SparseSettings, check_sparsity
 from modules.registry import BUILDERS, BlockSpec, build_block
 from npt.checkpoint import CheckpointError, NPTCheckpoint
-from pipeline.generation import GenerationRules, make_micro_batches, make_sequences
+from pipeline.generation import GenerationRules, make_micro_batches, make_sequences, padding_fraction
 from pipeline.plan import PlanError, StagePlan, make_plans
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.stage import Stage
@@ -106,6 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sparse.add_argument("--sparse-calibration", help="teal mode: a llama-save collect dir of the same model")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile (CUDA graphs on a GPU); plain and NPT stages only",
+    )
+    p.add_argument(
+        "--no-length-buckets",
+        action="store_true",
+        help="micro-batch prompts in input order instead of by length (more padding in prefill)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("float16" if args.fp16 else "float32")]
@@ -300,6 +310,8 @@ def load_stage(
         verify_stage_files(plan, model_dir)
     options = block_options(args, plan, save_layers, config, model_dir, npt)
     stage = build_stage(plan, model_dir, config, args.dtype, device, options)
+    if args.compile:
+        stage.compile_decode()
     return stage, options.get("collector"), driver_inputs
 
 
@@ -343,7 +355,7 @@ def drive(args, stage: Stage, comm, tokenizer, sequences, pp: int):
     eos = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
     pad_id = next(iter(({tokenizer.pad_token_id} | eos) - {None}), 0)
     size = args.micro_batch_size or min(32, -(-len(sequences) // pp))
-    batches = make_micro_batches(sequences, size, pad_id)
+    batches = make_micro_batches(sequences, size, pad_id, by_length=not args.no_length_buckets)
     rules = GenerationRules(tokenizer, eos, args.ignore_eos)
     driver = FirstStageDriver(stage, comm, rules, pad_id, args.max_inflight or pp + 1)
     total = sum(s.max_new for s in sequences)
@@ -370,6 +382,7 @@ def drive(args, stage: Stage, comm, tokenizer, sequences, pp: int):
                 "prompts": len(sequences),
                 "micro_batch_size": size,
                 "prompt_tokens": sum(len(s.prompt_ids) for s in sequences),
+                "padding_fraction": round(padding_fraction(batches), 4),
                 "generated_tokens": generated,
                 "prefill_seconds": round(prefill, 4),
                 "decode_seconds": round(loop_seconds - prefill, 4),
