@@ -181,6 +181,7 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
         "parameter_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
         "wait_seconds": round(wait, 4),
         "idle_fraction": round(wait / loop_seconds, 4) if loop_seconds else 0.0,
+        "compile_seconds": round(stage.compile_seconds, 4),
     }
 
 

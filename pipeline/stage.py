@@ -13,6 +13,7 @@ device tensors updated in place. So the step runs the same graph every time, and
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -95,6 +96,8 @@ class Stage(nn.Module):
         self.pool = CachePool(config, len(blocks), dtype, device)
         self.states: dict[int, MicroBatchState] = {}
         self._decode = self._decode_step
+        self.compiled_shapes: set[tuple[int, int]] | None = None  # None: eager
+        self.compile_seconds = 0.0  # spent in the first (compiling) decode step of each shape
 
     @property
     def input_is_tokens(self) -> bool:
@@ -123,7 +126,15 @@ class Stage(nn.Module):
         marks the rows still generating (the others compute padding, and record nothing)."""
         state = self.states[mb]
         cos, sin = self.rope.lookup(state.position)
-        return self._decode(x, real, cos, sin, state.caches, state.key_valid, state.position, state.slot)
+        args = (x, real, cos, sin, state.caches, state.key_valid, state.position, state.slot)
+        shape = tuple(state.key_valid.shape)
+        if self.compiled_shapes is None or shape in self.compiled_shapes:
+            return self._decode(*args)
+        start = time.perf_counter()
+        out = self._decode(*args)
+        self.compile_seconds += time.perf_counter() - start
+        self.compiled_shapes.add(shape)
+        return out
 
     def _decode_step(self, x, real, cos, sin, caches, key_valid, position, slot) -> torch.Tensor:
         key_valid.index_fill_(1, slot, True)
@@ -152,6 +163,7 @@ class Stage(nn.Module):
         cuda = self.device.type == "cuda"
         self.pool.static_addresses = cuda
         self._decode = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        self.compiled_shapes = set()
         return True
 
     def release(self, mb: int) -> None:
