@@ -8,19 +8,11 @@ import json
 
 import pytest
 import torch
-from pipeline_helpers import hf_greedy, run_infer, write_prompts
+from pipeline_helpers import PROMPTS, hf_greedy, run_infer, write_prompts
 
 from engine.prompts import PromptRequest
 from pipeline.generation import Sequence, make_micro_batches, padding_fraction
 from pipeline.stage import CACHE_LENGTH_STEP
-
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books about dragons and",
-    "def fibonacci(n):",
-    "Hello",
-    "Water boils at a temperature of",
-]
 
 
 def sequences_of_lengths(lengths: list[int]) -> list[Sequence]:
