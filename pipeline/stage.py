@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from modules.llama import (
     attention_mask,
     rope_inv_freq,
 )
+from modules.registry import BlockSpec, build_block
 from pipeline.plan import StagePlan
 
 #: Cache lengths are rounded up to a multiple of this, so micro-batches whose prompts
@@ -170,3 +172,14 @@ class Stage(nn.Module):
         state = self.states.pop(mb, None)
         if state is not None:
             self.pool.give_back(*state.key_valid.shape, state.caches)
+
+
+def build_stage(
+    plan: StagePlan, model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, options=None
+) -> Stage:
+    """Load only this stage's shard files: its layers, plus embeddings or head at the ends.
+    ``options`` are the block type's typed options (see ``modules.registry``)."""
+    blocks = [build_block(plan.model_type, BlockSpec(model_dir, config, i, dtype), options) for i in plan.layers]
+    embeddings = LlamaEmbeddings.from_shard(model_dir, config, dtype) if plan.is_first else None
+    head = LlamaLMHead.from_shard(model_dir, config, dtype) if plan.is_last else None
+    return Stage(plan, config, blocks, embeddings, head, dtype, device).to(device)
