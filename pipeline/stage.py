@@ -164,7 +164,9 @@ class Stage(nn.Module):
             return False
         cuda = self.device.type == "cuda"
         self.pool.static_addresses = cuda
-        self._decode = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        compiled = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        # A CUDA graph's output is overwritten by its next replay, while a send may still read it.
+        self._decode = (lambda *args: compiled(*args).clone()) if cuda else compiled
         self.compiled_shapes = set()
         return True
 
