@@ -2,15 +2,20 @@
 
     python -m benchmarks.bench_pipeline [--prompts 16] [--new-tokens 48]
 
-Converts the bundled SmolLM2 (fp32) once, then measures: HF generate (batch = all prompts,
-2 threads), the engine at pp=1 (2 threads) and pp=2 (1 thread per rank), and single-stream
-(batch 1) latency per token for HF and the engine. Prints tokens/s and ratios to HF."""
+Converts the bundled SmolLM2 (fp32) once, then measures, batched (all prompts) and
+single-stream (batch 1): HF generate (dynamic cache), HF generate with a static cache and
+its forward compiled (the stronger peer; timed on a second, warm call), and the engine at
+pp=1 (2 threads) and pp=2 (1 thread per rank), eager and with ``--compile``. Prints a
+table for BENCHMARKS.md: tokens/s, ratios to both HF peers, the bubble per rank and the
+compile time (a compiled engine run's tokens/s is given with and without it: the engine
+compiles inside its timed loop, at the first decode step of each micro-batch shape)."""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,8 +42,16 @@ PROMPTS = [
 ]
 
 
-def hf_run(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
-    """Tokens/s of HF generate on one left-padded batch."""
+def hf_run(model, tokenizer, prompts: list[str], new_tokens: int, static: bool = False) -> float:
+    """Tokens/s of HF generate on one left-padded batch; ``static``: a static cache and a
+    compiled forward (transformers compiles it itself once told to on CPU too)."""
+    from transformers import CompileConfig
+
+    extra = {}
+    if static:
+        compile_config = CompileConfig(dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -48,9 +61,62 @@ def hf_run(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
     seconds = time.perf_counter() - start
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / seconds
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_second: float
+    batched: bool
+    stats: dict | None = None
+
+    @property
+    def compile_seconds(self) -> float:
+        return max((r.get("compile_seconds", 0.0) for r in self.stats["ranks"]), default=0.0) if self.stats else 0.0
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Without the compile time (exact at pp=1; at pp=2 the ranks compile partly at once)."""
+        if not self.compile_seconds:
+            return self.tokens_per_second
+        return self.stats["generated_tokens"] / (self.stats["total_seconds"] - self.compile_seconds)
+
+
+def engine_row(model_dir: Path, prompts: Path, nproc: int, threads: int, flags: list[str], batched: bool) -> Row:
+    stats = run_engine(model_dir, prompts, nproc, threads, flags)
+    extras = [f for f in flags if f in ("--balance-head", "--compile")]
+    name = f"engine pp={nproc}, {threads} thread(s)/rank{''.join(', ' + f for f in extras)}"
+    return Row(name + ("" if batched else ", batch 1"), stats["tokens_per_second"], batched, stats)
+
+
+def print_table(rows: list[Row], prompts: int, new_tokens: int) -> None:
+    print(f"\nSmolLM2-135M fp32, {prompts} prompts x {new_tokens} new tokens, torch {torch.__version__}")
+    print("| run | tok/s | vs HF | vs HF static+compile | ms/token | compile s | tok/s without compile |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        peers = [r for r in rows if r.batched == row.batched and r.stats is None]
+        hf, hf_static = (p.tokens_per_second for p in peers)
+        per_token = 1000 / row.tokens_per_second * (prompts if row.batched else 1)
+        compiled = row.compile_seconds
+        compile_cells = f"{compiled:.1f} | {row.steady_tokens_per_second:.1f}" if compiled else "- | -"
+        print(
+            f"| {row.name} | {row.tokens_per_second:.1f} | {row.tokens_per_second / hf:.2f}x |"
+            f" {row.tokens_per_second / hf_static:.2f}x | {per_token:.1f} | {compile_cells} |"
+        )
+    print("\n| run | rank | layers | idle (bubble) | peak RSS MiB | parameters MiB | prefill padding |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    mib = 2**20
+    for row in rows:
+        for r in row.stats["ranks"] if row.stats else []:
+            print(
+                f"| {row.name} | {r['rank']} | {r['layers'][0]}-{r['layers'][1] - 1} | {r['idle_fraction']:.1%} |"
+                f" {r['peak_memory_bytes'] / mib:.0f} | {r['parameter_bytes'] / mib:.0f} |"
+                f" {row.stats['padding_fraction']:.1%} |"
+            )
 
 
 def main() -> None:
@@ -58,13 +124,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--work-dir", default=None, help="keep the converted model here")
+    parser.add_argument("--model-dir", default=None, help="an already converted SmolLM2 shard directory")
     args = parser.parse_args()
     prompts = (PROMPTS * 8)[: args.prompts]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(args.work_dir or tempfile.mkdtemp())
-    model_dir = smollm_model_dir(work)
+    model_dir = Path(args.model_dir) if args.model_dir else smollm_model_dir(work)
     many = write_prompt_file(work / "prompts.jsonl", prompts)
     one = write_prompt_file(work / "prompt1.jsonl", prompts[:1])
     common = ["--max-new-tokens", str(args.new_tokens), "--ignore-eos"]
@@ -75,36 +142,19 @@ def main() -> None:
     hf_run(model, tokenizer, prompts[:2], 4)  # warm-up
 
     rows = []
-    hf_tps = hf_run(model, tokenizer, prompts, args.new_tokens)
-    rows.append((f"HF generate, batch {len(prompts)}, 2 threads", hf_tps, None))
-    for nproc, threads, split in ((1, 2, []), (2, 1, []), (2, 1, ["--balance-head"])):
-        batch = ["--micro-batch-size", str(-(-len(prompts) // nproc))]
-        stats = run_engine(model_dir, many, nproc, threads, [*common, *batch, *split])
-        name = f"engine pp={nproc}, {threads} thread(s)/rank{', ' + split[0] if split else ''}"
-        rows.append((name, stats["tokens_per_second"], stats))
-    hf_single = hf_run(model, tokenizer, prompts[:1], args.new_tokens)
-    single = run_engine(model_dir, one, 1, 2, common)
-    rows.append(("HF generate, batch 1 (single stream)", hf_single, None))
-    rows.append(("engine pp=1, batch 1 (single stream)", single["tokens_per_second"], single))
-
-    print(f"\nSmolLM2-135M fp32, {len(prompts)} prompts x {args.new_tokens} new tokens, torch {torch.__version__}")
-    print(f"{'run':45s} {'tok/s':>8s} {'vs HF':>7s} {'ms/token':>9s}")
-    for name, tps, _ in rows:
-        base = hf_single if "single" in name else hf_tps
-        print(f"{name:45s} {tps:8.1f} {tps / base:6.2f}x {1000 / tps * (1 if 'single' in name else len(prompts)):9.1f}")
-    for name, _, stats in rows:
-        if stats and stats["pp_degree"] > 1:
-            for r in stats["ranks"]:
-                print(
-                    f"  {name}: rank {r['rank']} layers {r['layers']} idle {r['idle_fraction']:.1%} "
-                    f"peak RSS {r['peak_memory_bytes'] / 2**20:.0f} MiB params {r['parameter_bytes'] / 2**20:.0f} MiB"
-                )
-    pp1 = rows[1][2]["ranks"][0]
-    mib = 2**20
-    print(
-        f"  engine pp=1: peak RSS {pp1['peak_memory_bytes'] / mib:.0f} MiB",
-        f"params {pp1['parameter_bytes'] / mib:.0f} MiB",
-    )
+    for batched, texts, file in ((True, prompts, many), (False, prompts[:1], one)):
+        label = f"batch {len(texts)}" + ("" if batched else " (single stream)")
+        rows.append(Row(f"HF generate, {label}, 2 threads", hf_run(model, tokenizer, texts, args.new_tokens), batched))
+        hf_run(model, tokenizer, texts, args.new_tokens, static=True)  # compiles for this shape
+        static = hf_run(model, tokenizer, texts, args.new_tokens, static=True)
+        rows.append(Row(f"HF generate, static cache + torch.compile, {label}", static, batched))
+        runs = [(1, 2, []), (1, 2, ["--compile"])]
+        if batched:
+            runs += [(2, 1, []), (2, 1, ["--balance-head"]), (2, 1, ["--balance-head", "--compile"])]
+        for nproc, threads, flags in runs:
+            batch = ["--micro-batch-size", str(-(-len(texts) // nproc))]
+            rows.append(engine_row(model_dir, file, nproc, threads, [*common, *batch, *flags], batched))
+    print_table(rows, len(prompts), args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from engine.dataset_format import (
     array_widths,
     model_fingerprint,
 )
+
+if TYPE_CHECKING:
+    from modules.llama import RealRows
 
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
@@ -205,16 +209,18 @@ class ActivationCollector:
         }
         write_part(self.part_path, part)
 
-    def record(self, layer: int, real: torch.Tensor, **arrays: torch.Tensor) -> None:
-        """Append the rows of real tokens (``real`` (B, T) bool) of one layer's arrays."""
+    def record(self, layer: int, rows: RealRows, **arrays: torch.Tensor) -> None:
+        """Append the real tokens' rows (``rows``, found once per step) of one layer's (B, T, ...)
+        arrays. Nothing here waits for the device: the rows are gathered there and copied
+        to the host by the writer."""
         start = self.rows[layer]
-        count = min(int(real.sum()), self.capacity - start)
+        count = min(rows.count, self.capacity - start)
         if count <= 0:
-            if int(real.sum()):
+            if rows.count:
                 self._mark_full()
             return
         for name, tensor in arrays.items():
-            self._writer.submit(self.files[(name, layer)], start, tensor[real][:count])
+            self._writer.submit(self.files[(name, layer)], start, rows.select(tensor)[:count])
         self.rows[layer] = start + count
         if self.rows[layer] == self.capacity:
             self._mark_full()

@@ -85,6 +85,7 @@ class TorchDistCommunicator:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.wait_seconds = 0.0
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         tensor = tensor.contiguous()
@@ -93,12 +94,29 @@ class TorchDistCommunicator:
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
-        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        """Receive into a buffer kept per (shape, dtype, source): decoding allocates nothing
+        per message, and on a GPU the buffer's fixed address suits a CUDA graph. The buffer
+        is overwritten by the next message of its kind: use or copy it before that."""
+        tensor = self._buffer(shape, dtype, src)
         start = time.perf_counter()
         with self._peer(src, "receiving from"):
             dist.recv(tensor, src)
         self.wait_seconds += time.perf_counter() - start
         return tensor
+
+    def _buffer(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        """The receive buffer of this kind, once any send still reading it (a stage that
+        passes a received tensor on) has finished."""
+        key = (tuple(shape), dtype, src)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=self.device)
+            return buffer
+        with self._peer(None, "sending to"):
+            for work, sent in self._pending:
+                if sent is buffer:
+                    work.wait()
+        return buffer
 
     def failed_ranks(self, failed: bool) -> list[int]:
         """Tell every rank whether this one failed to start; returns the ranks that did."""

@@ -101,6 +101,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sparse.add_argument("--sparse-calibration", help="teal mode: a llama-save collect dir of the same model")
     p.add_argument("--stats-path", help="write timing, memory and bubble statistics as JSON")
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens tokens regardless of EOS")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile (CUDA graphs on a GPU); plain and NPT stages only",
+    )
+    p.add_argument(
+        "--no-length-buckets",
+        action="store_true",
+        help="micro-batch prompts in input order instead of by length (more padding in prefill)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.dtype = DTYPES[args.dtype or ("float16" if args.fp16 else "float32")]
@@ -171,6 +181,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         verify_shards=args.verify_shards,
         ignore_eos=args.ignore_eos,
         progress=not args.no_progress,
+        compile=args.compile,
+        length_buckets=not args.no_length_buckets,
         collect=CollectSettings(
             _path(args.collect_dir),
             args.collect_dtype,

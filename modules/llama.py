@@ -2,12 +2,13 @@
 
 Every forward takes a ``StepContext`` built once per step and shared by all layers of a
 stage: RoPE tables for the step's positions, the attention mask (causal plus left
-padding) and where the step's keys go in the KV cache."""
+padding, as wide as the KV cache) and the cache slots the step's keys go to."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -37,15 +38,63 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+class RopeTable:
+    """cos and sin of every rotary position below a length, computed once per stage: a step
+    looks its positions up instead of recomputing them, so a compiled decode step holds no
+    trigonometry and allocates nothing that depends on the step number. The table grows
+    (outside any compiled step: at a prefill) when a longer cache needs more positions."""
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype):
+        self.inv_freq, self.dtype = inv_freq, dtype
+        self.cos = self.sin = torch.empty(0, 2 * len(inv_freq), dtype=dtype, device=inv_freq.device)
+
+    def ensure(self, length: int) -> None:
+        if length > len(self.cos):
+            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(length, device=self.inv_freq.device), self.dtype)
+            self.cos, self.sin = cos, sin
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of ``positions`` (any shape) times the inverse frequencies, as HF rounds them."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@dataclass
+class RealRows:
+    """Where a step's real tokens are among its (B * T) rows, and how many there are: found
+    once per step, so that recording layers need no host sync of their own."""
+
+    index: torch.Tensor  # (count,) long: flat row indices of the real tokens
+    count: int
+
+    @classmethod
+    def of(cls, real: torch.Tensor) -> RealRows:
+        index = real.reshape(-1).nonzero().squeeze(1)
+        return cls(index, len(index))
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The real rows of ``x`` (B, T, ...), flattened to (count, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index.to(x.device))
+
+
 @dataclass
 class StepContext:
     """What every layer of a stage needs for one forward step of one micro-batch."""
 
     cos: torch.Tensor  # (B, T, head_dim)
     sin: torch.Tensor  # (B, T, head_dim)
-    mask: torch.Tensor  # (B, 1, T, start + T) bool: which keys each query may see
-    start: int  # cache slot of the step's first token
+    mask: torch.Tensor  # (B, 1, T, K) bool: which of the K keys (the whole cache) each query may see
+    slots: torch.Tensor  # (T,) long: the cache slots the step's keys and values go to
     real: torch.Tensor  # (B, T) bool: real tokens (not padding, not finished rows)
+
+    @cached_property
+    def real_rows(self) -> RealRows:
+        return RealRows.of(self.real)
 
     @classmethod
     def build(
@@ -57,17 +106,22 @@ class StepContext:
         real: torch.Tensor,
         dtype: torch.dtype,
     ) -> StepContext:
-        """``positions`` (B, T) are the rotary positions; ``key_valid`` (B, start + T) marks
-        the cache slots holding real keys. A query always sees itself, so padded rows stay
-        finite instead of turning NaN and leaking through zero attention weights."""
-        freqs = positions[..., None].float() * inv_freq.to(positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        t = positions.shape[1]
-        q_slot = torch.arange(start, start + t, device=positions.device)[:, None]
-        k_slot = torch.arange(start + t, device=positions.device)[None, :]
-        mask = (k_slot <= q_slot) & key_valid[:, None, :]
-        mask |= k_slot == q_slot
-        return cls(emb.cos().to(dtype), emb.sin().to(dtype), mask[:, None], start, real)
+        """``positions`` (B, T) are the rotary positions; the step's keys go to cache slots
+        ``start`` .. ``start + T - 1``; ``key_valid`` (B, K) marks which of the K keys the
+        attention sees hold real tokens (K = the cache length, or T without a cache)."""
+        cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+        slots = torch.arange(start, start + positions.shape[1], device=positions.device)
+        return cls(cos, sin, attention_mask(key_valid, slots), slots, real)
+
+
+def attention_mask(key_valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, K): a query sees the real keys at or before its own slot. It always sees
+    itself, so padded rows stay finite instead of turning NaN and leaking through zero
+    attention weights."""
+    k_slot = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
+    q_slot = slots[:, None]
+    mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)
+    return mask[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +142,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer for one micro-batch, written in place."""
+    """Preallocated keys and values of one layer for one micro-batch, written in place at
+    the step's slots (a tensor, so a compiled step does not depend on the step number);
+    attention always reads the whole, fixed-width cache, which the mask limits."""
 
     def __init__(self, batch: int, num_kv_heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
@@ -96,11 +152,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
 
 
 class LlamaAttention(nn.Module):
@@ -123,7 +178,7 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(ctx.start, k, v)
+            k, v = cache.update(ctx.slots, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
@@ -166,6 +221,9 @@ def _from_shard(cls, model_dir: str | Path, config: ModelConfig, piece: str, dty
 
 class LlamaBlock(nn.Module):
     """One decoder layer: h = x + Attn(Norm(x)); out = h + MLP(Norm(h))."""
+
+    #: Whether a decode step through it can be compiled into one graph (no host-side work).
+    compilable = True
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()

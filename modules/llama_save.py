@@ -13,9 +13,11 @@ from modules.llama import KVCache, LlamaBlock, StepContext
 
 
 class LlamaSaveBlock(LlamaBlock):
+    compilable = False  # records through the host every step
+
     def __init__(self, config: ModelConfig, layer_index: int, recorder=None):
         super().__init__(config, layer_index)
-        self.recorder = recorder  # anything with record(layer, real, **arrays), e.g. ActivationCollector
+        self.recorder = recorder  # anything with record(layer, rows, **arrays), e.g. ActivationCollector
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None = None) -> torch.Tensor:
         heads = self.self_attn.heads(self.input_layernorm(x), ctx, cache)
@@ -23,7 +25,7 @@ class LlamaSaveBlock(LlamaBlock):
         act = self.mlp.activation(self.post_attention_layernorm(h))
         self.recorder.record(
             self.layer_index,
-            ctx.real,
+            ctx.real_rows,
             att_x=x,
             att_label=heads.float().norm(dim=-1),
             mlp_x=h,

@@ -216,6 +216,8 @@ class SparseSettings:
 class LlamaSparseBlock(LlamaBlock):
     """The plain block with its MLP computed by a ``SparseMLP``."""
 
+    compilable = False  # selections index by data-dependent sizes
+
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__(config, layer_index)
         self.sparse_mlp: SparseMLP | None = None

@@ -39,10 +39,6 @@ class MicroBatch:
     def active(self) -> torch.Tensor:
         return torch.tensor([not s.finished for s in self.rows])
 
-    def next_input(self, pad_id: int) -> torch.Tensor:
-        """Each row's last token as the next decode input; finished rows get padding."""
-        return torch.tensor([[s.generated[-1] if not s.finished else pad_id] for s in self.rows])
-
 
 class GenerationRules:
     """When a sequence stops: EOS, its stop strings, its token budget or the context."""
@@ -110,9 +106,10 @@ def make_sequences(
     return sequences
 
 
-def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int) -> list[MicroBatch]:
-    """Group prompts of similar length (less padding), then left-pad each group."""
-    ordered = sorted(sequences, key=lambda s: len(s.prompt_ids))
+def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_length: bool = True) -> list[MicroBatch]:
+    """Group prompts of similar length (less padding) unless ``by_length`` is off (input
+    order), then left-pad each group."""
+    ordered = sorted(sequences, key=lambda s: len(s.prompt_ids)) if by_length else sequences
     batches = []
     for start in range(0, len(ordered), size):
         rows = ordered[start : start + size]
@@ -125,3 +122,9 @@ def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int) -> lis
         cache_len = width + max(s.max_new for s in rows)
         batches.append(MicroBatch(len(batches), rows, ids, real, cache_len))
     return batches
+
+
+def padding_fraction(batches: list[MicroBatch]) -> float:
+    """Padded prompt slots over all prompt slots of the prefills: the work prefill wastes."""
+    slots = sum(mb.real.numel() for mb in batches)
+    return 1 - sum(int(mb.real.sum()) for mb in batches) / slots if slots else 0.0

@@ -25,7 +25,14 @@ from engine.tokenizer import load_tokenizer
 from modules.npt_checkpoint import CheckpointError
 from modules.registry import SaveOptions
 from pipeline.block_options import RunInputs, prepare_run, stage_options
-from pipeline.generation import GenerationRules, MicroBatch, Sequence, make_micro_batches, make_sequences
+from pipeline.generation import (
+    GenerationRules,
+    MicroBatch,
+    Sequence,
+    make_micro_batches,
+    make_sequences,
+    padding_fraction,
+)
 from pipeline.plan import PlanError, StagePlan, lm_head_cost, make_plans
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.settings import RankPlace, RunSettings
@@ -129,6 +136,8 @@ def load_stage(settings: RunSettings, plan: StagePlan, run_inputs: RunInputs, co
         verify_stage_files(plan, settings.model_dir)
     options = stage_options(settings, plan, run_inputs, config)
     stage = build_stage(plan, settings.model_dir, config, settings.dtype, device, options)
+    if settings.compile:
+        stage.compile_decode()
     collector = options.collector if isinstance(options, SaveOptions) else None
     return stage, collector, driver_inputs
 
@@ -189,7 +198,7 @@ def drive(settings: RunSettings, stage: Stage, comm, tokenizer, sequences: list[
     eos = set(stage.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
     pad_id = next(iter(({tokenizer.pad_token_id} | eos) - {None}), 0)
     size = settings.micro_batch_size or min(32, -(-len(sequences) // pp))
-    batches = make_micro_batches(sequences, size, pad_id)
+    batches = make_micro_batches(sequences, size, pad_id, by_length=settings.length_buckets)
     rules = GenerationRules(tokenizer, eos, settings.ignore_eos)
     driver = FirstStageDriver(stage, comm, rules, pad_id, settings.max_inflight or pp + 1)
     total = sum(s.max_new for s in sequences)
@@ -218,6 +227,7 @@ def run_stats(generation: Generation, pp: int, loop_seconds: float, ranks: list[
         "prompts": len(sequences),
         "micro_batch_size": generation.micro_batch_size,
         "prompt_tokens": sum(len(s.prompt_ids) for s in sequences),
+        "padding_fraction": round(padding_fraction(generation.batches), 4),
         "generated_tokens": generated,
         "prefill_seconds": round(prefill, 4),
         "decode_seconds": round(loop_seconds - prefill, 4),
@@ -242,4 +252,5 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
         "parameter_bytes": sum(p.numel() * p.element_size() for p in stage.parameters()),
         "wait_seconds": round(wait, 4),
         "idle_fraction": round(wait / loop_seconds, 4) if loop_seconds else 0.0,
+        "compile_seconds": round(stage.compile_seconds, 4),
     }

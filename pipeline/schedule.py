@@ -31,8 +31,10 @@ class FirstStageDriver:
     def _step(self, kind: int, mb: MicroBatch, ids: torch.Tensor, real: torch.Tensor) -> None:
         device = self.stage.device
         ids, real = ids.to(device), real.to(device)
-        cache_len = mb.cache_len if kind == PREFILL else None
-        out = self.stage(mb.index, ids, real, cache_len)
+        if kind == PREFILL:
+            out = self.stage.prefill(mb.index, ids, real, mb.cache_len)
+        else:
+            out = self.stage.decode(mb.index, ids, real)
         if self.stage.plan.is_last:  # one stage: its tokens come back to itself
             self.comm.send(out, 0)
             return
@@ -59,17 +61,19 @@ class FirstStageDriver:
                 self._step(PREFILL, mb, mb.input_ids, mb.real)
                 inflight.append(mb)
             mb = inflight.popleft()
-            tokens = self._tokens(mb).tolist()
+            tokens = self._tokens(mb)  # on the device; the host copy serves the stop rules only
             served += 1
             if served == first_window:
                 self.first_window_done_at = time.perf_counter() - start
             before = sum(len(s.generated) for s in mb.rows)
-            for seq, token in zip(mb.rows, tokens):
+            for seq, token in zip(mb.rows, tokens.tolist()):
                 self.rules.accept(seq, token)
             on_token(sum(len(s.generated) for s in mb.rows) - before)
             active = mb.active
             if active.any():
-                self._step(DECODE, mb, mb.next_input(self.pad_id), active[:, None])
+                active = active.to(tokens.device)
+                next_ids = torch.where(active, tokens, self.pad_id)[:, None]  # finished rows: padding
+                self._step(DECODE, mb, next_ids, active[:, None])
                 inflight.append(mb)
             else:
                 self.stage.release(mb.index)
@@ -92,7 +96,10 @@ def run_follower(stage: Stage, comm, hidden_size: int) -> None:
             continue
         real = comm.recv((batch, length), torch.uint8, prev)
         x = comm.recv((batch, length, hidden_size), stage.dtype, prev)
-        out = stage(mb, x, real.bool(), cache_len if kind == PREFILL else None)
+        if kind == PREFILL:
+            out = stage.prefill(mb, x, real.bool(), cache_len)
+        else:
+            out = stage.decode(mb, x, real.bool())
         if last:
             comm.send(out, 0)
         else:

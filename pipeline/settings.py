@@ -54,6 +54,8 @@ class RunSettings:
     verify_shards: bool = False
     ignore_eos: bool = False
     progress: bool = True
+    compile: bool = False  # compile the decode step (Stage.compile_decode)
+    length_buckets: bool = True  # micro-batch prompts of similar length together
     collect: CollectSettings = field(default_factory=CollectSettings)
     npt_checkpoint: Path | None = None
     sparse: SparseRequest = field(default_factory=SparseRequest)

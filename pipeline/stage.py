@@ -1,11 +1,20 @@
-"""One pipeline stage: its modules, and per micro-batch KV caches and positions.
+"""One pipeline stage: its modules, a pool of KV caches and, per micro-batch, its positions.
 
-A stage knows nothing of the schedule: it turns a micro-batch step's input (token ids on
-the first stage, hidden states elsewhere) into its output (hidden states, or the greedy
-token of each row's last position on the last stage)."""
+A stage knows nothing of the schedule: ``prefill`` starts a micro-batch from its prompt
+step and ``decode`` continues it a token at a time, turning the step's input (token ids
+on the first stage, hidden states elsewhere) into its output (hidden states, or the
+greedy token of each row's last position on the last stage).
+
+The decode step is static: within a micro-batch every tensor it touches keeps its shape
+(the cache is padded to a multiple of ``CACHE_LENGTH_STEP`` and attention reads all of
+it through a mask), and the write slot, the rotary positions and the valid keys are
+device tensors updated in place. So the step runs the same graph every time, and
+``compile_decode`` can compile it once per micro-batch shape (on CUDA, as a CUDA graph)."""
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +22,21 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from modules.llama import KVCache, LlamaEmbeddings, LlamaLMHead, StepContext, rope_inv_freq
+from modules.llama import (
+    KVCache,
+    LlamaEmbeddings,
+    LlamaLMHead,
+    RopeTable,
+    StepContext,
+    attention_mask,
+    rope_inv_freq,
+)
 from modules.registry import BlockSpec, build_block
 from pipeline.plan import StagePlan
+
+#: Cache lengths are rounded up to a multiple of this, so micro-batches whose prompts
+#: differ a little share one decode shape (and one compiled graph).
+CACHE_LENGTH_STEP = 64
 
 
 @dataclass
@@ -23,9 +44,39 @@ class MicroBatchState:
     """What a stage remembers about one micro-batch between its steps."""
 
     caches: list[KVCache]
-    key_valid: torch.Tensor  # (B, cache_len) bool: slots holding real keys
-    last_position: torch.Tensor  # (B,) rotary position of the last token seen
-    cursor: int  # next free cache slot
+    key_valid: torch.Tensor  # (B, cache length) bool: slots holding real keys
+    position: torch.Tensor  # (B, 1) long: rotary position of the next token
+    slot: torch.Tensor  # (1,) long: cache slot of the next token
+
+
+class CachePool:
+    """A stage's KV caches, kept by shape and reused: once the first micro-batches of a
+    run have finished, starting another allocates nothing."""
+
+    def __init__(self, config: ModelConfig, layers: int, dtype: torch.dtype, device: torch.device):
+        self.config, self.layers, self.dtype, self.device = config, layers, dtype, device
+        self.free: dict[tuple[int, int], list[list[KVCache]]] = {}
+        self.static_addresses = False  # CUDA graphs need the caches at fixed addresses
+
+    def take(self, batch: int, length: int) -> list[KVCache]:
+        if free := self.free.get((batch, length)):
+            return free.pop()
+        c = self.config
+        caches = [
+            KVCache(batch, c.num_kv_heads, length, c.head_dim, self.dtype, self.device) for _ in range(self.layers)
+        ]
+        if self.static_addresses:
+            for cache in caches:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+        return caches
+
+    def give_back(self, batch: int, length: int, caches: list[KVCache]) -> None:
+        self.free.setdefault((batch, length), []).append(caches)
+
+
+def padded_cache_length(length: int) -> int:
+    return -(-length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
 
 
 class Stage(nn.Module):
@@ -43,46 +94,86 @@ class Stage(nn.Module):
         self.plan, self.config, self.dtype, self.device = plan, config, dtype, device
         self.blocks = nn.ModuleList(blocks)
         self.embeddings, self.head = embeddings, head
-        self.inv_freq = rope_inv_freq(config).to(device)
+        self.rope = RopeTable(rope_inv_freq(config).to(device), dtype)
+        self.pool = CachePool(config, len(blocks), dtype, device)
         self.states: dict[int, MicroBatchState] = {}
+        self._decode = self._decode_step
+        self.compiled_shapes: set[tuple[int, int]] | None = None  # None: eager
+        self.compile_seconds = 0.0  # spent in the first (compiling) decode step of each shape
 
     @property
     def input_is_tokens(self) -> bool:
         return self.embeddings is not None
 
-    def _new_state(self, batch: int, cache_len: int) -> MicroBatchState:
-        c = self.config
-        caches = [KVCache(batch, c.num_kv_heads, cache_len, c.head_dim, self.dtype, self.device) for _ in self.blocks]
-        key_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=self.device)
-        last = torch.zeros(batch, dtype=torch.long, device=self.device)
-        return MicroBatchState(caches, key_valid, last, 0)
+    @torch.inference_mode()
+    def prefill(self, mb: int, x: torch.Tensor, real: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """Start micro-batch ``mb`` with its prompt step; ``real`` (B, T) is the left-padding
+        mask and ``cache_len`` the prompt width plus the most new tokens of any row."""
+        batch, width = real.shape
+        length = padded_cache_length(cache_len)
+        self.rope.ensure(length)
+        key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        key_valid[:, :width] = real
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        caches = self.pool.take(batch, length)
+        slot = torch.tensor([width], device=self.device)
+        self.states[mb] = MicroBatchState(caches, key_valid, positions[:, -1:] + 1, slot)
+        slots = torch.arange(width, device=self.device)
+        cos, sin = self.rope.lookup(positions)
+        return self._forward(x, StepContext(cos, sin, attention_mask(key_valid, slots), slots, real), caches)
 
     @torch.inference_mode()
-    def forward(self, mb: int, x: torch.Tensor, real: torch.Tensor, cache_len: int | None = None) -> torch.Tensor:
-        """Run one step of micro-batch ``mb``. ``real`` (B, T) marks real tokens. A prefill
-        step (``cache_len`` given) starts the micro-batch: ``real`` is then the left-padding
-        mask. A decode step (T = 1) continues it; ``real`` marks rows still generating."""
-        if cache_len is not None:
-            state = self.states[mb] = self._new_state(real.shape[0], cache_len)
-            positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            state = self.states[mb]
-            positions = state.last_position[:, None] + 1
-        t = real.shape[1]
-        start = state.cursor
-        state.key_valid[:, start : start + t] = real if cache_len is not None else True
-        state.last_position = positions[:, -1]
-        state.cursor += t
-        ctx = StepContext.build(self.inv_freq, positions, state.key_valid[:, : start + t], start, real, self.dtype)
+    def decode(self, mb: int, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Continue micro-batch ``mb`` by one token (``x`` is (B, 1, ...)); ``real`` (B, 1)
+        marks the rows still generating (the others compute padding, and record nothing)."""
+        state = self.states[mb]
+        cos, sin = self.rope.lookup(state.position)
+        args = (x, real, cos, sin, state.caches, state.key_valid, state.position, state.slot)
+        shape = tuple(state.key_valid.shape)
+        if self.compiled_shapes is None or shape in self.compiled_shapes:
+            return self._decode(*args)
+        start = time.perf_counter()
+        out = self._decode(*args)
+        self.compile_seconds += time.perf_counter() - start
+        self.compiled_shapes.add(shape)
+        return out
+
+    def _decode_step(self, x, real, cos, sin, caches, key_valid, position, slot) -> torch.Tensor:
+        key_valid.index_fill_(1, slot, True)
+        out = self._forward(x, StepContext(cos, sin, key_valid[:, None, None, :], slot, real), caches)
+        position.add_(1)
+        slot.add_(1)
+        return out
+
+    def _forward(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache]) -> torch.Tensor:
         h = self.embeddings(x) if self.embeddings is not None else x
-        for block, cache in zip(self.blocks, state.caches):
+        for block, cache in zip(self.blocks, caches):
             h = block(h, ctx, cache)
         if self.head is None:
             return h
         return self.head(h[:, -1]).argmax(dim=-1)
 
+    def compile_decode(self) -> bool:
+        """Compile the decode step: one graph per micro-batch shape (``dynamic=False``; the
+        cache length is padded, so prompts of similar length share one); on CUDA captured
+        as a CUDA graph. Blocks with host-side work per step (recording, sparse selections)
+        would break the graph at every layer: such a stage stays eager, and says so."""
+        eager = sorted({type(b).__name__ for b in self.blocks if not b.compilable})
+        if eager:
+            warnings.warn(f"--compile: stage {self.plan.rank} runs {', '.join(eager)} blocks eagerly", stacklevel=2)
+            return False
+        cuda = self.device.type == "cuda"
+        self.pool.static_addresses = cuda
+        compiled = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        # A CUDA graph's output is overwritten by its next replay, while a send may still read it.
+        self._decode = (lambda *args: compiled(*args).clone()) if cuda else compiled
+        self.compiled_shapes = set()
+        return True
+
     def release(self, mb: int) -> None:
-        self.states.pop(mb, None)
+        state = self.states.pop(mb, None)
+        if state is not None:
+            self.pool.give_back(*state.key_valid.shape, state.caches)
 
 
 def build_stage(

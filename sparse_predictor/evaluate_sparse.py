@@ -80,11 +80,11 @@ class SparseModel:
     def greedy(self, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
         """Greedy tokens after ``prompt`` (batch 1) and the seconds spent in decode steps."""
         real = torch.ones(1, len(prompt), dtype=torch.bool)
-        token = self.stage(0, prompt[None], real, cache_len=len(prompt) + new_tokens)
+        token = self.stage.prefill(0, prompt[None], real, cache_len=len(prompt) + new_tokens)
         tokens, one = [int(token)], torch.ones(1, 1, dtype=torch.bool)
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            token = self.stage(0, token[:, None], one)
+            token = self.stage.decode(0, token[:, None], one)
             tokens.append(int(token))
         seconds = time.perf_counter() - start
         self.stage.release(0)

@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 INFER = ROOT / "launch" / "infer.py"
 MULTINODE = ROOT / "launch" / "run_multinode.sh"
 NAMES = ("att_x", "att_label", "mlp_x", "mlp_label")
+#: Prompts of different lengths, one long enough to need much padding beside the others.
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a young girl who loved to read books about dragons and",
+    "def fibonacci(n):",
+    "Hello",
+    "Water boils at a temperature of",
+]
 
 
 def write_prompts(path: Path, items: list[dict]) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from modules.llama import KVCache, LlamaBlock, LlamaEmbeddings, LlamaLMHead, StepContext, rope_inv_freq
@@ -25,7 +26,10 @@ class ShardModel:
         self.inv_freq = rope_inv_freq(self.config)
 
     def step(self, ids, positions, key_valid, start, caches=None):
-        ctx = StepContext.build(self.inv_freq, positions, key_valid, start, key_valid[:, start:], self.dtype)
+        real = key_valid[:, start:]
+        if caches is not None:  # attention reads the whole cache: no key past the step is valid
+            key_valid = F.pad(key_valid, (0, caches[0].k.shape[2] - key_valid.shape[1]))
+        ctx = StepContext.build(self.inv_freq, positions, key_valid, start, real, self.dtype)
         x = self.embeddings(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, None if caches is None else caches[i])

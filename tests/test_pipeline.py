@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 from conftest import save_tiny_hf_dir
-from pipeline_helpers import hf_greedy, infer_args, run_infer, torchrun, write_prompts
+from pipeline_helpers import PROMPTS, hf_greedy, infer_args, run_infer, torchrun, write_prompts
 
 from pipeline.plan import PlanError, make_plans, split_layers
 
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time, in a land far away, there lived a young girl who loved to read books about dragons and",
-    "def fibonacci(n):",
-    "Hello",
-    "Water boils at a temperature of",
-]
 NEW_TOKENS = 10
 NEVER = "\x00 text no model writes"  # a stop string that never occurs
 

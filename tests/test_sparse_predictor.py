@@ -87,6 +87,7 @@ def test_arrays_hold_only_the_rows_written(data_dir):
 
 def test_reads_what_the_save_mode_collector_wrote(tmp_path, model_dir):
     from engine.collector import ActivationCollector
+    from modules.llama import RealRows
 
     config = tiny_config(layers=4)
     widths = {"att_x": 32, "att_label": 4, "mlp_x": 32, "mlp_label": 64}
@@ -96,7 +97,7 @@ def test_reads_what_the_save_mode_collector_wrote(tmp_path, model_dir):
     real = torch.tensor([[True, True, False], [True, True, True]])
     recorded = {name: torch.randn(2, 3, width) for name, width in widths.items()}
     for layer in (1, 2):
-        collector.record(layer, real, **recorded)
+        collector.record(layer, RealRows.of(real), **recorded)
     collector.close()
     collection = Collection.open(tmp_path / "c")
     assert collection.layers == [1, 2] and collection.rows == {1: 5, 2: 5}
