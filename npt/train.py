@@ -252,27 +252,38 @@ def trim_log(path: Path, steps: int) -> None:
         f.writelines(kept)
 
 
+def train_steps(trainer: EquivalenceTrainer, windows: torch.Tensor, max_steps: int, log, on_row=None) -> None:
+    """Step to ``max_steps`` (or until Ctrl-C asks to stop), one JSON log row a step, a
+    checkpoint every ``--save-every`` steps and at the end; ``on_row`` sees each row."""
+    bar = tqdm(total=max_steps, initial=trainer.steps, desc="npt equivalence", unit="step", leave=False)
+    with StopRequest() as stop:
+        while trainer.steps < max_steps and not stop.asked:
+            row = trainer.step(windows)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if on_row is not None:
+                on_row(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", fid=f"{row['fidelity']:.4g}")
+            if trainer.steps % trainer.args.save_every == 0:
+                trainer.save()
+        bar.close()
+        trainer.save()
+        if stop.asked:
+            raise KeyboardInterrupt
+
+
 def train(args: argparse.Namespace) -> dict | None:
     """Train to ``--max-steps``, checkpoint, evaluate; returns the evaluation (None when
     Ctrl-C stopped the run early)."""
     trainer, windows, val = prepare(args)
     trim_log(args.out / LOG_NAME, trainer.steps)
     run = open_wandb(args)
-    bar = tqdm(total=args.max_steps, initial=trainer.steps, desc="npt equivalence", unit="step")
-    with open(args.out / LOG_NAME, "a") as log, StopRequest() as stop:
-        while trainer.steps < args.max_steps and not stop.asked:
-            row = trainer.step(windows)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            if run is not None:
-                run.log(row, step=row["step"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", fid=f"{row['fidelity']:.4g}")
-            if trainer.steps % args.save_every == 0:
-                trainer.save()
-        bar.close()
-        trainer.save()
-    if stop.asked:
+    on_row = None if run is None else (lambda row: run.log(row, step=row["step"]))
+    try:
+        with open(args.out / LOG_NAME, "a") as log:
+            train_steps(trainer, windows, args.max_steps, log, on_row)
+    except KeyboardInterrupt:
         print(f"interrupted at step {trainer.steps}: {args.out / CHECKPOINT_NAME} saved; --resume continues")
         return None
     result = {"step": trainer.steps, **evaluate(trainer.model, val, args.batch_size)}
