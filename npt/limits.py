@@ -8,7 +8,7 @@ Two properties of that update bound how much of ``t`` it can supply:
 
 - it is even in ``a``: ``v_b (v_a . xn)`` is quadratic in ``a``, so ``a`` and ``-a`` give the
   same output, while ``t(a) - t(-a) = y(a) - y(-a)``. The odd part ``(y(a) - y(-a)) / 2`` is
-  out of reach of any even function, whatever the rank; its share of ``|t|^2`` says how much
+  out of reach of any even function, whatever the rank; its share of t's energy says how much
   of ``t`` behaves that way (on data that holds ``a`` and never ``-a``, a quadratic in ``a``
   can still fit part of a linear term around a mean, so this is a measure, not a hard bound);
 - to first order it moves the MLP output within ``J_t W_b``, one r-dimensional subspace of
@@ -62,8 +62,9 @@ def attention_residual_limits(
 ) -> dict[str, dict[str, float]]:
     """Per NPT layer, on the original input to it, as shares of summed squared norms:
     ``attention_share`` |t|^2 / |y - h|^2 (how much of the layer's change is the attention
-    residual), ``odd_share`` |odd part|^2 / |t|^2, ``rank_reach`` the share of |t|^2 inside
-    the per-token first-order subspace (on the first ``max_tokens`` tokens), and
+    residual), ``odd_share`` |odd|^2 / (|odd|^2 + |even|^2) (t = odd + even in a),
+    ``rank_reach`` the share of |t|^2 inside the per-token first-order subspace (on the first
+    ``max_tokens`` tokens), and
     ``reproduced`` 1 - |NPT output - y|^2 / |t|^2 (what the trained layer supplies; 0 is
     no better than dropping the attention, negative is worse)."""
     ctx, out = model.context(ids), {}
@@ -73,12 +74,12 @@ def attention_residual_limits(
         t = y - (x + block.mlp(block.post_attention_layernorm(x)))
         flipped = x - a + block.mlp(block.post_attention_layernorm(x - a))
         npt_out = block.forward_with_np(x, ctx)[0]
-        t_energy = t.pow(2).sum().item()
+        t_energy, odd = t.pow(2).sum().item(), (y - flipped) / 2
         flat_t, flat_x = t.flatten(0, 1)[:max_tokens], x.flatten(0, 1)[:max_tokens]
         reach = reachable_energy(block, block.post_attention_layernorm(flat_x), flat_t)
         out[str(i)] = {
             "attention_share": t_energy / (y - x).pow(2).sum().item(),
-            "odd_share": ((y - flipped) / 2).pow(2).sum().item() / t_energy,
+            "odd_share": odd.pow(2).sum().item() / (odd.pow(2).sum() + (t - odd).pow(2).sum()).item(),
             "rank_reach": reach / flat_t.pow(2).sum().item(),
             "reproduced": 1 - (npt_out - y).pow(2).sum().item() / t_energy,
         }
