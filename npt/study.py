@@ -74,14 +74,16 @@ def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
 
 def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list[Run]:
     """Cheapest first, so an interrupted study has the most points: end to end on the small
-    sets, the layer-wise runs (one per rank, on the largest set), end to end on the largest
-    set; then the gate_up reading at one rank."""
+    sets at every rank, layer-wise on the largest set at every rank (which gives every set),
+    end to end on the largest set at ``extra_rank`` only (one such run costs as much as all
+    the others of its rank together), then the gate_up reading at ``extra_rank``: end to end
+    on the small sets, layer-wise on the largest small set."""
     small, largest = sets[:-1], sets[-1]
     runs = [Run("end-to-end", "gate", r, s) for s in small for r in ranks]
     runs += [Run("layerwise", "gate", r, largest) for r in ranks]
-    runs += [Run("end-to-end", "gate", r, largest) for r in ranks]
+    runs += [Run("end-to-end", "gate", extra_rank, largest)]
     runs += [Run("end-to-end", "gate_up", extra_rank, s) for s in small]
-    return runs + [Run("layerwise", "gate_up", extra_rank, largest)]
+    return runs + [Run("layerwise", "gate_up", extra_rank, small[-1])]
 
 
 @dataclass
@@ -109,7 +111,9 @@ def parse_study_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-data", type=Path, help="held-out text (default: the Lee validation split)")
     p.add_argument("--steps", type=int, default=80, help="the step budget of every run")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
-    p.add_argument("--gate-up-rank", type=int, default=64, help="the rank at which the gate_up reading is measured")
+    p.add_argument(
+        "--extra-rank", type=int, default=64, help="the rank of the end-to-end upper-half run and of the gate_up runs"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=128)
@@ -123,7 +127,7 @@ def parse_study_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.ranks, args.gate_up_rank, args.steps, args.eval_windows, args.limit_tokens = "4,8", 4, 4, 2, 16
+        args.ranks, args.extra_rank, args.steps, args.eval_windows, args.limit_tokens = "4,8", 4, 4, 2, 16
     args.ranks = tuple(int(r) for r in args.ranks.split(","))
     return args
 
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     study = prepare_study(args)
     cache_seconds = time.perf_counter() - started
-    runs = grid(args.ranks, study.sets, args.gate_up_rank)
+    runs = grid(args.ranks, study.sets, args.extra_rank)
     results = []
     try:
         for run in tqdm(runs, desc="npt study", unit="run"):
