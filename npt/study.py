@@ -73,15 +73,15 @@ def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
 
 
 def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list[Run]:
-    """Cheapest first, so an interrupted study has the most points: end to end on the small
-    sets at every rank, layer-wise on the largest set at every rank (which gives every set),
-    end to end on the largest set at ``extra_rank`` only (one such run costs as much as all
-    the others of its rank together), then the gate_up reading at ``extra_rank``: end to end
-    on the small sets, layer-wise on the largest small set."""
+    """Cheapest first, so an interrupted study has the most points. At every rank: end to
+    end on the small sets, layer-wise on the largest small set (which gives the nested
+    ones too). At ``extra_rank`` only (one upper-half run costs as much as all the small
+    runs of its rank together): both modes on the largest set, then the gate_up reading
+    end to end on the small sets and layer-wise on the largest small one."""
     small, largest = sets[:-1], sets[-1]
     runs = [Run("end-to-end", "gate", r, s) for s in small for r in ranks]
-    runs += [Run("layerwise", "gate", r, largest) for r in ranks]
-    runs += [Run("end-to-end", "gate", extra_rank, largest)]
+    runs += [Run("layerwise", "gate", r, small[-1]) for r in ranks]
+    runs += [Run("layerwise", "gate", extra_rank, largest), Run("end-to-end", "gate", extra_rank, largest)]
     runs += [Run("end-to-end", "gate_up", extra_rank, s) for s in small]
     return runs + [Run("layerwise", "gate_up", extra_rank, small[-1])]
 

@@ -42,14 +42,14 @@ def study_dir(tiny_shard_dir, tmp_path_factory):
 def test_quick_study_writes_every_point_and_a_rerun_trains_nothing(study_dir, monkeypatch):
     root, argv = study_dir
     result = json.loads((root / "out" / "study.json").read_text())
-    # ranks 4, 8: end to end on last1 (2), layer-wise on upper_half evaluated on last1 and
-    # upper_half (2 x 2), end to end on upper_half at rank 4 (1), gate_up at rank 4 end to end
-    # and layer-wise on last1 (2).
-    assert len(result["points"]) == 2 + 4 + 1 + 2
+    # ranks 4, 8: end to end and layer-wise on last1 (2 + 2); at rank 4 on upper_half
+    # layer-wise, evaluated on last1 and upper_half (2), and end to end (1); gate_up at rank
+    # 4 end to end and layer-wise on last1 (2).
+    assert len(result["points"]) == 4 + 3 + 2
     assert {p["mode"] for p in result["points"]} == {"layerwise", "end-to-end"}
     assert all(p["ppl_ratio"] > 0 and p["np_parameters"] > 0 for p in result["points"])
-    assert set(result["limits"]) == {"layerwise-gate-r4-upper_half", "layerwise-gate-r8-upper_half",
-                                     "layerwise-gate_up-r4-last1"}  # fmt: skip
+    layerwise = ("gate-r4-last1", "gate-r8-last1", "gate-r4-upper_half", "gate_up-r4-last1")
+    assert set(result["limits"]) == {f"layerwise-{name}" for name in layerwise}
     for name in ("study.json", "frontier.png", "limits.png"):
         assert (root / "copy" / name).stat().st_size > 0
 
