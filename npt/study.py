@@ -1,6 +1,6 @@
 """The NPT study: how close neuro-plastic layers get to the original model, and what stops them.
 
-    python -m npt.study --model-name SHARD_DIR --out DIR [--steps 80] [--copy-to findings/npt] [--quick]
+    python -m npt.study --model-name SHARD_DIR --out DIR [--steps 60] [--copy-to findings/npt] [--quick]
 
 Trains every configuration of the grid (NP rank x converted layers x training mode, plus
 the gate_up reading of seed 003's W_in on a subset) for the same number of steps on the
@@ -109,7 +109,7 @@ def parse_study_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="study directory (runs/, study.json, plots)")
     p.add_argument("--data", type=Path, help="training text (default: the gensim Lee corpus, prepared in <out>/corpus)")
     p.add_argument("--val-data", type=Path, help="held-out text (default: the Lee validation split)")
-    p.add_argument("--steps", type=int, default=80, help="the step budget of every run")
+    p.add_argument("--steps", type=int, default=60, help="the step budget of every run")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
     p.add_argument(
         "--extra-rank", type=int, default=64, help="the rank of the end-to-end upper-half run and of the gate_up runs"
