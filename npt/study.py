@@ -287,6 +287,17 @@ def frontier(rows: list[dict]) -> list[dict]:
     return out
 
 
+def ratio_without_attention(study: Study) -> dict[str, float]:
+    """Per layer set, the ratio when its layers simply drop their attention residual (an NPT
+    layer whose update is zero): the baseline a trained update has to beat."""
+    out = {}
+    for name in study.sets:
+        ckpt = NPTCheckpoint(NPTConfig(np_rank=1, np_init_scale=0.0, layers=study.layers(name)), {})
+        model = ShardModel.load(study.args.model_name, ckpt)
+        out[name] = perplexity(model, study.val, study.args.batch_size, True, study.val_cached) / study.ppl_base
+    return out
+
+
 def summary(study: Study, results: list[dict], cache_seconds: float, wall_seconds: float) -> dict:
     rows = points(study, results)
     limits = {r["name"]: r["evaluations"][str(study.args.steps)][r["layer_set"]].get("limits") for r in results}
@@ -298,6 +309,7 @@ def summary(study: Study, results: list[dict], cache_seconds: float, wall_second
         "val_tokens": study.val.numel(),
         "ppl_base": study.ppl_base,
         "ratio_goal": RATIO_GOAL,
+        "ratio_without_attention": ratio_without_attention(study),
         "points": rows,
         "frontier": [r["run"] + ":" + r["layer_set"] for r in frontier(rows)],
         "within_goal": [r["run"] + ":" + r["layer_set"] for r in rows if r["ppl_ratio"] < RATIO_GOAL],
@@ -351,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(args.out / name, args.copy_to / name)
     print(f"base perplexity {study.ppl_base:.2f}; {args.steps} steps per run\n")
     print(markdown_table(result))
+    print("\nwithout attention (zero update):", {k: round(v, 3) for k, v in result["ratio_without_attention"].items()})
     print(f"\nwithin {RATIO_GOAL}: {result['within_goal'] or 'none'}")
     return 0
 

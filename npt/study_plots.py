@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.lines import Line2D  # noqa: E402
 
 MARKERS = {"last1": "o", "last2": "s", "last4": "^", "upper_half": "D"}
 COLORS = {
@@ -20,33 +21,32 @@ COLORS = {
 
 
 def plot_frontier(result: dict, path: Path) -> None:
+    """Perplexity ratio against NP parameters: colour = mode and W_in reading, marker =
+    converted layers, label = rank; the frontier dashed, the seeds' goal dotted, and per
+    layer set the ratio of dropping its attention outright (grey)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    seen = set()
     for r in result["points"]:
-        key = (r["mode"], r["target"])
-        label = f"{r['mode']}, W_in = {r['target']}" if key not in seen else None
-        seen.add(key)
-        ax.scatter(
-            r["np_parameters"], r["ppl_ratio"], c=COLORS.get(key, "gray"), marker=MARKERS.get(r["layer_set"], "x")
-        )
-        ax.scatter([], [], c=COLORS.get(key, "gray"), label=label) if label else None
-        ax.annotate(
-            f"r{r['rank']}", (r["np_parameters"], r["ppl_ratio"]), fontsize=6, xytext=(3, 2), textcoords="offset points"
-        )
+        color = COLORS.get((r["mode"], r["target"]), "gray")
+        ax.scatter(r["np_parameters"], r["ppl_ratio"], color=color, marker=MARKERS.get(r["layer_set"], "x"))
+        xy = (r["np_parameters"], r["ppl_ratio"])
+        ax.annotate(f"r{r['rank']}", xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
     front = [r for r in result["points"] if r["run"] + ":" + r["layer_set"] in result["frontier"]]
-    ax.plot([r["np_parameters"] for r in front], [r["ppl_ratio"] for r in front], "k--", lw=0.8, label="frontier")
-    ax.axhline(result["ratio_goal"], color="green", lw=0.8, ls=":", label=f"seeds' goal {result['ratio_goal']}")
-    for name, marker in MARKERS.items():
-        ax.scatter([], [], c="none", edgecolors="black", marker=marker, label=name)
+    ax.plot([r["np_parameters"] for r in front], [r["ppl_ratio"] for r in front], "k--", lw=0.8)
+    ax.axhline(result["ratio_goal"], color="green", lw=0.8, ls=":")
+    for name, ratio in result["ratio_without_attention"].items():
+        ax.axhline(ratio, color="gray", lw=0.5, ls="-.")
+        ax.annotate(f"{name}, no update", (1, ratio), xycoords=("axes fraction", "data"), fontsize=6, ha="right")
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=f"{m}, W_in = {t}") for (m, t), c in COLORS.items()]
+    handles += [Line2D([], [], color="black", marker=m, ls="", mfc="none", label=s) for s, m in MARKERS.items()]
+    handles += [Line2D([], [], color="k", ls="--", lw=0.8, label="frontier")]
+    handles += [Line2D([], [], color="green", ls=":", lw=0.8, label=f"seeds' goal {result['ratio_goal']}")]
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NP parameters")
     ax.set_ylabel("perplexity NPT / base")
-    steps = result["settings"]["steps"]
-    ax.set_title(
-        f"NPT equivalence after {steps} steps ({Path(result['model']).name}, base ppl {result['ppl_base']:.1f})"
-    )
-    ax.legend(fontsize=7, ncol=2)
+    steps, base = result["settings"]["steps"], result["ppl_base"]
+    ax.set_title(f"NPT equivalence after {steps} steps ({Path(result['model']).name}, base ppl {base:.1f})")
+    ax.legend(handles=handles, fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

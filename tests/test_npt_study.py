@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_npt import LAYER, randomize_np
-from test_npt_train import SENTENCES
+from test_npt_train import SENTENCES, hf_perplexity
 
 from engine.config import ModelConfig
 from engine.tokenizer import load_tokenizer
@@ -90,7 +90,9 @@ def hf_npt_hooks(hf_model, layer: int, np_state: dict[str, torch.Tensor]):
     ]
 
 
-def test_a_frontier_perplexity_equals_hf_with_the_update_applied_by_hand(study_dir, tiny_shard_dir, tiny_model):
+def test_a_frontier_perplexity_equals_hf_with_the_update_applied_by_hand(
+    study_dir, tiny_shard_dir, tiny_hf_dir, tiny_model
+):
     root, _ = study_dir
     hf_model, _ = tiny_model
     result = json.loads((root / "out" / "study.json").read_text())
@@ -117,6 +119,9 @@ def test_a_frontier_perplexity_equals_hf_with_the_update_applied_by_hand(study_d
     assert point["ppl_npt"] == pytest.approx(ppl(logits), rel=1e-4)
     assert result["ppl_base"] == pytest.approx(ppl(base_logits), rel=1e-4)
     assert point["ppl_ratio"] == pytest.approx(ppl(logits) / ppl(base_logits), rel=1e-4)
+    # The baseline a trained update must beat: the layer without its attention output.
+    cut = hf_perplexity(tiny_hf_dir, ids, cut_attention=(layer,))
+    assert result["ratio_without_attention"]["last1"] == pytest.approx(cut / ppl(base_logits), rel=1e-4)
 
 
 @pytest.mark.parametrize("target", ["gate", "gate_up"])
