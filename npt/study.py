@@ -46,6 +46,8 @@ from npt.train import LOG_NAME, EquivalenceTrainer, parse_args, start_checkpoint
 RATIO_GOAL = 1.05
 LAYER_SETS = ("last1", "last2", "last4", "upper_half")
 RANKS = (16, 64, 256)
+#: The learning rate of the highest-rank runs repeated below the study's --lr.
+LOW_LR = 3e-4
 RESULT_NAME = "result.json"
 STUDY_NAME = "study.json"
 PLOTS = ("frontier.png", "limits.png")
@@ -59,10 +61,13 @@ class Run:
     target: str
     rank: int
     layer_set: str
+    #: A learning rate other than the study's ``--lr`` (None: the study's).
+    lr: float | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-{self.target}-r{self.rank}-{self.layer_set}"
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.mode}-{self.target}-r{self.rank}-{self.layer_set}{lr}"
 
 
 def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
@@ -75,15 +80,19 @@ def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
 def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list[Run]:
     """Cheapest first, so an interrupted study has the most points. At every rank: end to
     end on the small sets, layer-wise on the largest small set (which gives the nested
-    ones too). At ``extra_rank`` only (one upper-half run costs as much as all the small
-    runs of its rank together): both modes on the largest set, then the gate_up reading
-    end to end on the small sets and layer-wise on the largest small one."""
+    ones too). At ``extra_rank``: both modes on the largest set, the gate_up reading end to
+    end on the small sets and layer-wise on the largest small one. Then end to end on the
+    largest set at the other ranks (each such run costs as much as all the small runs of
+    its rank together), and the highest rank end to end on the small sets at a third of
+    the learning rate (it trains worse than the lower ranks at the common one)."""
     small, largest = sets[:-1], sets[-1]
     runs = [Run("end-to-end", "gate", r, s) for s in small for r in ranks]
     runs += [Run("layerwise", "gate", r, small[-1]) for r in ranks]
     runs += [Run("layerwise", "gate", extra_rank, largest), Run("end-to-end", "gate", extra_rank, largest)]
     runs += [Run("end-to-end", "gate_up", extra_rank, s) for s in small]
-    return runs + [Run("layerwise", "gate_up", extra_rank, small[-1])]
+    runs += [Run("layerwise", "gate_up", extra_rank, small[-1])]
+    runs += [Run("end-to-end", "gate", r, largest) for r in ranks if r != extra_rank]
+    return runs + [Run("end-to-end", "gate", max(ranks), s, LOW_LR) for s in small]
 
 
 @dataclass
@@ -176,7 +185,7 @@ def train_args(study: Study, run: Run, out: Path) -> argparse.Namespace:
     argv = [
         "--model-name", str(a.model_name), "--out", str(out), "--data", str(a.data), "--mode", run.mode,
         "--convert-layers", ",".join(map(str, study.layers(run.layer_set))), "--np-rank", str(run.rank),
-        "--np-target", run.target, "--lr", str(a.lr), "--warmup-steps", str(a.warmup_steps),
+        "--np-target", run.target, "--lr", str(run.lr or a.lr), "--warmup-steps", str(a.warmup_steps),
         "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--max-steps", str(a.steps),
         "--save-every", "20", "--device", "cpu", "--resume",
     ]  # fmt: skip
@@ -265,6 +274,7 @@ def points(study: Study, results: list[dict]) -> list[dict]:
                     "mode": r["mode"],
                     "target": r["target"],
                     "rank": r["rank"],
+                    "lr": r.get("lr") or study.args.lr,
                     "layer_set": name,
                     "layers": list(study.layers(name)),
                     "np_parameters": final["np_parameters"],
@@ -326,13 +336,17 @@ def summary(study: Study, results: list[dict], cache_seconds: float, wall_second
 
 def markdown_table(result: dict) -> str:
     lines = [
-        "| mode | W_in | rank | layers | NP params | ratio (half steps) | ratio |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| mode | W_in | rank | lr | layers | NP params | ratio (half steps) | ratio |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
     ]
-    for r in sorted(result["points"], key=lambda r: (r["mode"], r["target"], r["layer_set"], r["rank"])):
+
+    def key(r: dict) -> tuple:
+        return r["mode"], r["target"], LAYER_SETS.index(r["layer_set"]), r["rank"], r["lr"]
+
+    for r in sorted(result["points"], key=key):
         half = "" if r["ppl_ratio_half_steps"] is None else f"{r['ppl_ratio_half_steps']:.3f}"
         lines.append(
-            f"| {r['mode']} | {r['target']} | {r['rank']} | {r['layer_set']} | {r['np_parameters']:,} "
+            f"| {r['mode']} | {r['target']} | {r['rank']} | {r['lr']:g} | {r['layer_set']} | {r['np_parameters']:,} "
             f"| {half} | {r['ppl_ratio']:.3f} |"
         )
     return "\n".join(lines)

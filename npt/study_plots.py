@@ -29,7 +29,8 @@ def plot_frontier(result: dict, path: Path) -> None:
         color = COLORS.get((r["mode"], r["target"]), "gray")
         ax.scatter(r["np_parameters"], r["ppl_ratio"], color=color, marker=MARKERS.get(r["layer_set"], "x"))
         xy = (r["np_parameters"], r["ppl_ratio"])
-        ax.annotate(f"r{r['rank']}", xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
+        lr = "" if r["lr"] == result["settings"]["lr"] else f" lr {r['lr']:g}"
+        ax.annotate(f"r{r['rank']}{lr}", xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
     front = [r for r in result["points"] if r["run"] + ":" + r["layer_set"] in result["frontier"]]
     ax.plot([r["np_parameters"] for r in front], [r["ppl_ratio"] for r in front], "k--", lw=0.8)
     ax.axhline(result["ratio_goal"], color="green", lw=0.8, ls=":")
