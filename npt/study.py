@@ -83,7 +83,7 @@ def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list
     ones too). At ``extra_rank``: both modes on the largest set, the gate_up reading end to
     end on the small sets and layer-wise on the largest small one. Then end to end on the
     largest set at the other ranks (each such run costs as much as all the small runs of
-    its rank together), and the highest rank end to end on the small sets at a third of
+    its rank together), and the highest rank on the small sets, both modes, at a third of
     the learning rate (it trains worse than the lower ranks at the common one)."""
     small, largest = sets[:-1], sets[-1]
     runs = [Run("end-to-end", "gate", r, s) for s in small for r in ranks]
@@ -92,7 +92,8 @@ def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list
     runs += [Run("end-to-end", "gate_up", extra_rank, s) for s in small]
     runs += [Run("layerwise", "gate_up", extra_rank, small[-1])]
     runs += [Run("end-to-end", "gate", r, largest) for r in ranks if r != extra_rank]
-    return runs + [Run("end-to-end", "gate", max(ranks), s, LOW_LR) for s in small]
+    runs += [Run("end-to-end", "gate", max(ranks), s, LOW_LR) for s in small]
+    return runs + [Run("layerwise", "gate", max(ranks), small[-1], LOW_LR)]
 
 
 @dataclass
