@@ -63,10 +63,10 @@ def attention_residual_limits(
     """Per NPT layer, on the original input to it, as shares of summed squared norms:
     ``attention_share`` |t|^2 / |y - h|^2 (how much of the layer's change is the attention
     residual), ``odd_share`` |odd|^2 / (|odd|^2 + |even|^2) (t = odd + even in a),
-    ``rank_reach`` the share of |t|^2 inside the per-token first-order subspace (on the first
-    ``max_tokens`` tokens), and
-    ``reproduced`` 1 - |NPT output - y|^2 / |t|^2 (what the trained layer supplies; 0 is
-    no better than dropping the attention, negative is worse)."""
+    ``mean_share`` |mean a|^2 / mean |a|^2, ``rank_reach`` the share of |t|^2 inside the
+    per-token first-order subspace (on the first ``max_tokens`` tokens), and ``reproduced``
+    1 - |NPT output - y|^2 / |t|^2 (what the trained layer supplies; 0 is no better than
+    dropping the attention, negative is worse)."""
     ctx, out = model.context(ids), {}
     for i, (x, y) in model.original_layer_io(ids, cached).items():
         block = model.blocks[i]
@@ -75,11 +75,13 @@ def attention_residual_limits(
         flipped = x - a + block.mlp(block.post_attention_layernorm(x - a))
         npt_out = block.forward_with_np(x, ctx)[0]
         t_energy, odd = t.pow(2).sum().item(), (y - flipped) / 2
+        flat_a = a.flatten(0, 1)
         flat_t, flat_x = t.flatten(0, 1)[:max_tokens], x.flatten(0, 1)[:max_tokens]
         reach = reachable_energy(block, block.post_attention_layernorm(flat_x), flat_t)
         out[str(i)] = {
             "attention_share": t_energy / (y - x).pow(2).sum().item(),
             "odd_share": odd.pow(2).sum().item() / (odd.pow(2).sum() + (t - odd).pow(2).sum()).item(),
+            "mean_share": flat_a.mean(0).pow(2).sum().item() / flat_a.pow(2).sum(-1).mean().item(),
             "rank_reach": reach / flat_t.pow(2).sum().item(),
             "reproduced": 1 - (npt_out - y).pow(2).sum().item() / t_energy,
         }

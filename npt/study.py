@@ -35,7 +35,7 @@ from engine.shards import write_json_atomic
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import NPTConfig, parse_convert_layers
 from npt.cache import ResidualCache
-from npt.checkpoint import NPTCheckpoint
+from npt.checkpoint import CHECKPOINT_NAME, NPTCheckpoint
 from npt.data import load_windows
 from npt.evaluate import batches, layer_fidelity, perplexity
 from npt.limits import attention_residual_limits
@@ -49,6 +49,9 @@ RANKS = (16, 64, 256)
 #: The learning rate of the highest-rank runs repeated below the study's --lr.
 LOW_LR = 3e-4
 RESULT_NAME = "result.json"
+LIMITS_NAME = "limits.json"
+#: Held-out windows the limits are measured on (the per-token subspace: on --limit-tokens of them).
+LIMIT_WINDOWS = 4
 STUDY_NAME = "study.json"
 PLOTS = ("frontier.png", "limits.png")
 
@@ -212,7 +215,7 @@ def point_sets(study: Study, run: Run) -> list[str]:
 
 def evaluate_run(study: Study, run: Run, trainer: EquivalenceTrainer, final: bool) -> dict[str, dict]:
     """Per layer set of the run: the NPT perplexity and its ratio; at the end also the
-    per-layer fidelity and, layer-wise, the attention-residual limits."""
+    per-layer fidelity."""
     a, out = study.args, {}
     for name in point_sets(study, run):
         model = point_model(study, run, trainer, name)
@@ -222,9 +225,6 @@ def evaluate_run(study: Study, run: Run, trainer: EquivalenceTrainer, final: boo
             point["np_parameters"] = sum(p.numel() for b in model.npt_blocks.values() for p in b.np.parameters())
             point["layer_fidelity"] = layer_fidelity(model, study.val, a.batch_size, study.val_cached)
         out[name] = point
-    if final and run.mode == "layerwise":
-        first = {i: s[:1] for i, s in study.val_cached.items()}
-        out[run.layer_set]["limits"] = attention_residual_limits(trainer.model, study.val[:1], first, a.limit_tokens)
     return out
 
 
@@ -309,9 +309,23 @@ def ratio_without_attention(study: Study) -> dict[str, float]:
     return out
 
 
+def run_limits(study: Study, result: dict) -> dict[str, dict[str, float]]:
+    """The attention-residual limits of a finished layer-wise run, from its checkpoint, on
+    the first ``LIMIT_WINDOWS`` held-out windows; kept in ``runs/<name>/limits.json``."""
+    out = study.args.out / "runs" / result["name"]
+    if (out / LIMITS_NAME).exists():
+        return json.loads((out / LIMITS_NAME).read_text())
+    model = ShardModel.load(study.args.model_name, NPTCheckpoint.load(out / CHECKPOINT_NAME))
+    ids = study.val[:LIMIT_WINDOWS]
+    cached = {i: s[:LIMIT_WINDOWS] for i, s in study.val_cached.items()}
+    limits = attention_residual_limits(model, ids, cached, study.args.limit_tokens)
+    write_json_atomic(out / LIMITS_NAME, limits)
+    return limits
+
+
 def summary(study: Study, results: list[dict], cache_seconds: float, wall_seconds: float) -> dict:
     rows = points(study, results)
-    limits = {r["name"]: r["evaluations"][str(study.args.steps)][r["layer_set"]].get("limits") for r in results}
+    limits = {r["name"]: run_limits(study, r) for r in results if r["mode"] == "layerwise"}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(study.args).items()}
     return {
         "settings": settings,
@@ -324,7 +338,7 @@ def summary(study: Study, results: list[dict], cache_seconds: float, wall_second
         "points": rows,
         "frontier": [r["run"] + ":" + r["layer_set"] for r in frontier(rows)],
         "within_goal": [r["run"] + ":" + r["layer_set"] for r in rows if r["ppl_ratio"] < RATIO_GOAL],
-        "limits": {name: lim for name, lim in limits.items() if lim is not None},
+        "limits": limits,
         "timing": {
             "runs_seconds": sum(r["seconds"] for r in results),
             "train_seconds": sum(r["train_seconds"] for r in results),

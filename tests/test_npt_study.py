@@ -18,8 +18,10 @@ from test_npt_train import SENTENCES, hf_perplexity
 from engine.config import ModelConfig
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import LlamaNPTBlock, NPTConfig
+from npt.checkpoint import NPTCheckpoint
 from npt.data import load_windows
-from npt.limits import update_jacobian
+from npt.limits import attention_residual_limits, update_jacobian
+from npt.model import ShardModel
 from npt.study import LOW_LR
 from npt.study import main as study_main
 
@@ -151,3 +153,18 @@ def test_update_jacobian_equals_autograd(tiny_shard_dir, target):
     for token in range(3):
         expected = torch.autograd.functional.jacobian(partial(mlp_output, token), torch.zeros(4))
         torch.testing.assert_close(got[token], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_limits_of_a_zero_update_and_a_full_rank_update(tiny_shard_dir):
+    """A zero update reproduces none of the attention residual (the layer is the original
+    without attention); with r >= hidden the first-order subspace is the whole hidden space."""
+    config = ModelConfig.from_model_dir(tiny_shard_dir)
+    ids = torch.randint(3, config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(6))
+    zero = ShardModel.load(tiny_shard_dir, NPTCheckpoint(NPTConfig(4, 0.0, layers=(1, 3)), {}))
+    limits = attention_residual_limits(zero, ids)
+    assert set(limits) == {"1", "3"}
+    for layer in limits.values():
+        assert layer["reproduced"] == pytest.approx(0.0, abs=1e-6)
+        assert 0 < layer["odd_share"] < 1 and 0 < layer["mean_share"] < 1 and 0 < layer["attention_share"]
+    full = ShardModel.load(tiny_shard_dir, NPTCheckpoint(NPTConfig(config.hidden_size, 1.0, layers=(1,)), {}))
+    assert attention_residual_limits(full, ids)["1"]["rank_reach"] == pytest.approx(1.0, abs=1e-4)
