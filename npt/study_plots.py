@@ -54,22 +54,43 @@ def plot_frontier(result: dict, path: Path) -> None:
 
 
 def plot_limits(result: dict, path: Path) -> None:
-    """Per layer: the odd share of the attention residual (out of reach at any rank), the
-    share inside each run's first-order subspace, and the share each run reproduces."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, (name, limits) in enumerate(sorted(result["limits"].items())):
-        layers = sorted(limits, key=int)
-        x = [int(i) for i in layers]
-        color = f"C{k}"
-        if k == 0:
-            ax.plot(x, [limits[i]["odd_share"] for i in layers], "k-", lw=2, label="odd share of t (any rank)")
-            ax.plot(x, [limits[i]["attention_share"] for i in layers], "k:", label="|t|^2 / |layer change|^2")
-        ax.plot(x, [limits[i]["rank_reach"] for i in layers], "--", color=color, label=f"{name}: in rank-r reach")
-        ax.plot(x, [limits[i]["reproduced"] for i in layers], "-o", ms=3, color=color, label=f"{name}: reproduced")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("share of |attention residual t|^2")
-    ax.set_title("What the NP update can and does reproduce of the attention residual")
-    ax.legend(fontsize=6)
+    """Left, per layer of the layer-wise run with the most layers: how much of the layer's
+    change is the attention residual t, how much of t is odd in a (out of reach of an even
+    update), how large a's common component is, how much of t the rank-r subspace holds and
+    how much the trained update reproduces. Right, per layer-wise run: the last two, summed
+    over its layers."""
+    runs = result["limits"]
+    widest = max(runs, key=lambda name: len(runs[name]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    layers = sorted(runs[widest], key=int)
+    x = [int(i) for i in layers]
+    for key, style, label in (
+        ("attention_share", "k:", "|t|^2 / |layer change|^2"),
+        ("odd_share", "k-", "odd share of t (no even update reaches it)"),
+        ("mean_share", "c-", "|mean a|^2 / mean |a|^2"),
+        ("rank_reach", "b--", "share of t in the rank-r subspace"),
+        ("reproduced", "r-o", "share of t reproduced"),
+    ):
+        left.plot(x, [runs[widest][i][key] for i in layers], style, ms=3, label=label)
+    left.set_ylim(-0.05, 1.05)
+    left.set_xlabel("layer")
+    left.set_ylabel("share")
+    left.set_title(f"{widest}", fontsize=9)
+    left.legend(fontsize=7)
+    names = sorted(runs)
+    mean = {
+        key: [sum(layer[key] for layer in runs[n].values()) / len(runs[n]) for n in names]
+        for key in ("rank_reach", "reproduced")
+    }
+    pos = range(len(names))
+    right.bar([p - 0.2 for p in pos], mean["rank_reach"], 0.4, color="tab:blue", label="in rank-r subspace")
+    right.bar([p + 0.2 for p in pos], [max(v, -0.5) for v in mean["reproduced"]], 0.4, color="tab:red",
+              label="reproduced (cut at -0.5)")  # fmt: skip
+    right.set_xticks(list(pos), [n.replace("layerwise-", "") for n in names], rotation=30, ha="right", fontsize=7)
+    right.axhline(0, color="k", lw=0.5)
+    right.set_title("mean over each run's layers", fontsize=9)
+    right.legend(fontsize=7)
+    fig.suptitle("What the NP update can and does reproduce of the attention residual t")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
