@@ -31,7 +31,7 @@ NP_PREFIX = "np."
 #: The readings of seed 003's "W_in" in a SwiGLU MLP: which input projections the update modulates.
 NP_TARGETS = ("gate", "gate_up")
 
-#: Named layer selections accepted by ``parse_convert_layers``.
+#: Named layer selections accepted by ``parse_convert_layers`` (and ``lastK``: the last K layers).
 LAYER_PRESETS = ("all", "upper_half", "lower_half")
 
 
@@ -73,13 +73,18 @@ class NPTConfig:
 
 
 def parse_convert_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """``all``, ``upper_half`` (layers n//2 .. n-1), ``lower_half`` (0 .. n//2-1), a
-    half-open range ``a:b`` (either end may be left out) or a list ``1,5,7``."""
+    """``all``, ``upper_half`` (layers n//2 .. n-1), ``lower_half`` (0 .. n//2-1), ``lastK``
+    (the last K layers), a half-open range ``a:b`` (either end may be left out) or a list
+    ``1,5,7``."""
     spec = spec.strip()
     half = num_layers // 2
     presets = {"all": range(num_layers), "upper_half": range(half, num_layers), "lower_half": range(half)}
     if spec in presets:
         layers = tuple(presets[spec])
+    elif spec.startswith("last") and spec[4:].isdigit():
+        if not 0 < int(spec[4:]) <= num_layers:
+            raise ValueError(f"--convert-layers {spec!r}: the model has {num_layers} layers")
+        layers = tuple(range(num_layers - int(spec[4:]), num_layers))
     elif ":" in spec:
         start, _, stop = spec.partition(":")
         try:
@@ -94,7 +99,8 @@ def parse_convert_layers(spec: str, num_layers: int) -> tuple[int, ...]:
             layers = tuple(sorted({int(part) for part in spec.split(",")}))
         except ValueError:
             raise ValueError(
-                f"--convert-layers {spec!r}: expected one of {', '.join(LAYER_PRESETS)}, a:b, or a list like 1,5,7"
+                f"--convert-layers {spec!r}: expected one of {', '.join(LAYER_PRESETS)}, lastK, a:b, "
+                "or a list like 1,5,7"
             ) from None
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:

@@ -74,9 +74,7 @@ class Run:
 
 
 def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
-    """``lastK``: the last K layers; else a ``--convert-layers`` spec such as ``upper_half``."""
-    if name.startswith("last"):
-        return tuple(range(num_layers - int(name[4:]), num_layers))
+    """A ``--convert-layers`` spec such as ``last2`` or ``upper_half``."""
     return parse_convert_layers(name, num_layers)
 
 

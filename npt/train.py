@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="directory for npt.pt, train_log.jsonl, eval.json")
     p.add_argument("--data", required=True, type=Path, help='training text: JSON lines with "prompt"')
     p.add_argument("--val-data", type=Path, help="held-out text (default: the last 10%% of --data's windows)")
-    p.add_argument("--convert-layers", default="upper_half", help="upper_half | lower_half | all | a:b | 1,5,7")
+    p.add_argument("--convert-layers", default="upper_half", help="upper_half | lower_half | all | lastK | a:b | 1,5,7")
     p.add_argument("--np-rank", type=int, default=64)
     p.add_argument("--np-init-scale", type=float, default=0.01)
     p.add_argument(

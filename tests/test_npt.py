@@ -143,13 +143,15 @@ def test_np_parameter_count_of_published_configs(hidden, ffn, expected):
         ("14:", 16, (14, 15)),
         ("7,1,5", 16, (1, 5, 7)),
         ("3", 16, (3,)),
+        ("last2", 30, (28, 29)),
+        ("last1", 4, (3,)),
     ],
 )
 def test_parse_convert_layers(spec, num_layers, expected):
     assert parse_convert_layers(spec, num_layers) == expected
 
 
-@pytest.mark.parametrize("spec", ["5:2", "0:17", "-1:3", "1,16", "middle", "1,,2", "lower_half"])
+@pytest.mark.parametrize("spec", ["5:2", "0:17", "-1:3", "1,16", "middle", "1,,2", "lower_half", "last0", "last17"])
 def test_parse_convert_layers_rejects(spec):
     with pytest.raises(ValueError, match="--convert-layers"):
         parse_convert_layers(spec, 16 if spec != "lower_half" else 1)
