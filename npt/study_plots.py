@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.lines import Line2D  # noqa: E402
 
+#: Ratios above this (diverged runs) are drawn at it, labelled with their value.
+RATIO_CEILING = 300.0
 MARKERS = {"last1": "o", "last2": "s", "last4": "^", "upper_half": "D"}
 COLORS = {
     ("layerwise", "gate"): "tab:blue",
@@ -27,10 +29,11 @@ def plot_frontier(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in result["points"]:
         color = COLORS.get((r["mode"], r["target"]), "gray")
-        ax.scatter(r["np_parameters"], r["ppl_ratio"], color=color, marker=MARKERS.get(r["layer_set"], "x"))
-        xy = (r["np_parameters"], r["ppl_ratio"])
+        xy = (r["np_parameters"], min(r["ppl_ratio"], RATIO_CEILING))
+        ax.scatter(*xy, color=color, marker=MARKERS.get(r["layer_set"], "x"))
         lr = "" if r["lr"] == result["settings"]["lr"] else f" lr {r['lr']:g}"
-        ax.annotate(f"r{r['rank']}{lr}", xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
+        off = "" if r["ppl_ratio"] <= RATIO_CEILING else f" (ratio {r['ppl_ratio']:.3g})"
+        ax.annotate(f"r{r['rank']}{lr}{off}", xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
     front = [r for r in result["points"] if r["run"] + ":" + r["layer_set"] in result["frontier"]]
     ax.plot([r["np_parameters"] for r in front], [r["ppl_ratio"] for r in front], "k--", lw=0.8)
     ax.axhline(result["ratio_goal"], color="green", lw=0.8, ls=":")
