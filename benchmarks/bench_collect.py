@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import run_engine, smollm_model_dir, write_prompt_file
-from engine.collector import array_widths
 from engine.config import ModelConfig
 from engine.corpus import load_documents
+from engine.dataset_format import array_widths
 
 #: Published shapes (hidden, ffn, heads, layers) for the 400000-row projection.
 PUBLISHED = {

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from converters.checkpoint import Checkpoint, ConversionError, layer_name
 from converters.sources import open_checkpoint
+from engine.atomic import write_json_atomic
 from engine.config import LLAMA3_ROPE_FACTOR_BY_VERSION, ConfigError
 from engine.shards import (
     EMBEDDINGS,
@@ -34,7 +35,6 @@ from engine.shards import (
     save_shard,
     sha256_file,
     shard_filename,
-    write_json_atomic,
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

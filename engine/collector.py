@@ -9,7 +9,6 @@ failing at any moment leaves a dataset whose manifest rows are valid."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import queue
@@ -23,38 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import write_json_atomic
+from engine.dataset_format import (
+    ARRAYS,
+    FORMAT_VERSION,
+    MANIFEST,
+    CollectError,
+    array_path,
+    array_widths,
+    model_fingerprint,
+)
 
-FORMAT_VERSION = 1
-ARRAYS = ("att_x", "att_label", "mlp_x", "mlp_label")
-MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
-
-
-class CollectError(RuntimeError):
-    """The collect directory cannot be used as asked (would overwrite, or resume mismatches)."""
-
-
-def array_widths(config: ModelConfig) -> dict[str, int]:
-    return {
-        "att_x": config.hidden_size,
-        "att_label": config.num_heads,
-        "mlp_x": config.hidden_size,
-        "mlp_label": config.intermediate_size,
-    }
-
-
-def array_path(collect_dir: Path, name: str, layer: int) -> Path:
-    return collect_dir / f"{name}_{layer}.mmap"
-
-
-def model_fingerprint(model_dir: Path) -> dict:
-    """What identifies a model for resume: its config, by content."""
-    text = (model_dir / "config.json").read_bytes()
-    return {"path": str(model_dir.resolve()), "config_sha256": hashlib.sha256(text).hexdigest()}
 
 
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:

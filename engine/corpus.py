@@ -19,18 +19,17 @@ import functools
 import hashlib
 import itertools
 import json
-import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic, write_jsonl_atomic
 from engine.config import ModelConfig
 from engine.corpus_sources import CorpusError, Document, iter_documents, iter_jsonl_texts
-from engine.shards import write_json_atomic
 from engine.tokenizer import load_tokenizer
 
 DEFAULT_MAX_TOKENS_PER_DOC = 2048  # DejaVu's collection sequence length
@@ -104,18 +103,6 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tup
     in_val = set(ranked[:n_val])
     train = [d for i, d in enumerate(docs) if i not in in_val]
     return train, [d for i, d in enumerate(docs) if i in in_val]
-
-
-def write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """One JSON object a line, via a temporary file and rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _token_limit(model_name: str | Path, max_tokens_per_doc: int, max_new_tokens: int) -> int:

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.shards import atomic_write
-
 
 class PromptError(ValueError):
     """The prompt file is malformed; the message names the file and line."""
@@ -58,12 +56,3 @@ def read_prompts(path: str | Path) -> list[PromptRequest]:
     if not requests:
         raise PromptError(f"{path}: the prompt file is empty")
     return requests
-
-
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
-    """All rows or nothing: a failed run (or a full disk) leaves no results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -8,15 +8,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import pickle
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import torch
+
+from engine.atomic import atomic_write
 
 EMBEDDINGS = "embs"
 LM_HEAD = "lm_head"
@@ -202,25 +200,3 @@ def verify_manifest(model_dir: str | Path, names: list[str] | None = None) -> li
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
     return problems
-
-
-@contextmanager
-def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """A file that replaces ``path`` only once it is complete, so readers never see half a
-    file; on any failure (disk full, Ctrl-C) neither it nor its temporary file is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-
-
-def write_json_atomic(path: str | Path, data: object) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(data, indent=2) + "\n")

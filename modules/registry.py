@@ -1,10 +1,15 @@
-"""Model type -> block builder. Swapping a stage's block type never touches the schedule."""
+"""Model type -> its block: the typed options it takes beyond the shards, and its builder.
+
+Swapping a stage's block type never touches the schedule. The options are prepared on the
+runner's side (``pipeline/block_options.py``: opening the collector, loading the NPT
+checkpoint or the sparse selections), so the blocks import no training code."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,55 +17,92 @@ from torch import nn
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock
 from modules.llama_save import LlamaSaveBlock
-from modules.llama_sparse import LlamaSparseBlock
+from modules.llama_sparse import LlamaSparseBlock, SparseSettings
+from modules.npt_checkpoint import NPTCheckpoint, load_npt_block
+
+if TYPE_CHECKING:
+    from engine.collector import ActivationCollector
 
 
-@dataclass
+@dataclass(frozen=True)
+class SaveOptions:
+    """llama-save: the collector its blocks record into."""
+
+    collector: ActivationCollector
+
+
+@dataclass(frozen=True)
+class NPTOptions:
+    """llama-npt: the checkpoint (loaded and checked against the model) of the NP weights."""
+
+    checkpoint: NPTCheckpoint
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """llama-sparse: how its blocks select MLP units (mode, sparsity, predictors or thresholds)."""
+
+    settings: SparseSettings
+
+
+@dataclass(frozen=True)
 class BlockSpec:
-    """Everything a builder may need to make the block of one layer."""
+    """Where one layer's block comes from."""
 
     model_dir: Path
     config: ModelConfig
     layer_index: int
     dtype: torch.dtype
-    options: dict = field(default_factory=dict)  # per-type extras, e.g. the collector
 
 
-def _plain(spec: BlockSpec) -> nn.Module:
+@dataclass(frozen=True)
+class BlockType:
+    """One registry entry: the options class its builder takes (None: the shards suffice)."""
+
+    options: type | None
+    build: Callable[[BlockSpec, Any], nn.Module]
+
+
+def _plain(spec: BlockSpec, options: None) -> nn.Module:
     return LlamaBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
 
 
-def _npt(spec: BlockSpec) -> nn.Module:
+def _npt(spec: BlockSpec, options: NPTOptions) -> nn.Module:
     """An NPT block where the checkpoint converts this layer, the plain block elsewhere."""
-    from npt.checkpoint import load_npt_block
-
-    checkpoint = spec.options["npt_checkpoint"]
-    return load_npt_block(spec.model_dir, spec.config, spec.layer_index, checkpoint, spec.dtype)
+    return load_npt_block(spec.model_dir, spec.config, spec.layer_index, options.checkpoint, spec.dtype)
 
 
-def _save(spec: BlockSpec) -> nn.Module:
+def _save(spec: BlockSpec, options: SaveOptions) -> nn.Module:
     block = LlamaSaveBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
-    block.recorder = spec.options["collector"]
+    block.recorder = options.collector
     return block
 
 
-def _sparse(spec: BlockSpec) -> nn.Module:
+def _sparse(spec: BlockSpec, options: SparseOptions) -> nn.Module:
     block = LlamaSparseBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
-    block.use(spec.options["sparse"].mlp_for(spec.layer_index, block.mlp))
+    block.use(options.settings.mlp_for(spec.layer_index, block.mlp))
     return block
 
 
-BUILDERS: dict[str, Callable[[BlockSpec], nn.Module]] = {
-    "llama": _plain,
-    "llama-save": _save,
-    "llama-npt": _npt,
-    "llama-sparse": _sparse,
+BLOCK_TYPES: dict[str, BlockType] = {
+    "llama": BlockType(None, _plain),
+    "llama-save": BlockType(SaveOptions, _save),
+    "llama-npt": BlockType(NPTOptions, _npt),
+    "llama-sparse": BlockType(SparseOptions, _sparse),
 }
 
 
-def build_block(model_type: str, spec: BlockSpec) -> nn.Module:
+def block_type(model_type: str) -> BlockType:
     try:
-        builder = BUILDERS[model_type]
+        return BLOCK_TYPES[model_type]
     except KeyError:
-        raise ValueError(f"unknown model type {model_type!r}; known: {', '.join(sorted(BUILDERS))}") from None
-    return builder(spec)
+        raise ValueError(f"unknown model type {model_type!r}; known: {', '.join(sorted(BLOCK_TYPES))}") from None
+
+
+def build_block(model_type: str, spec: BlockSpec, options: Any = None) -> nn.Module:
+    """The block of one layer; ``options`` must be the entry's options class (None for plain)."""
+    entry = block_type(model_type)
+    if not (isinstance(options, entry.options) if entry.options is not None else options is None):
+        wanted = entry.options.__name__ if entry.options is not None else "no options"
+        raise TypeError(f"{model_type} blocks take {wanted}, got {type(options).__name__}")
+    return entry.build(spec, options)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.shards import atomic_write
+from engine.atomic import atomic_write
 from npt.model import Residuals, ShardModel
 
 FORMAT = "npt-residual-cache-v1"

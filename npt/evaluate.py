@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.shards import write_json_atomic
+from engine.atomic import write_json_atomic
 from engine.tokenizer import load_tokenizer
-from npt.checkpoint import NPTCheckpoint
+from modules.npt_checkpoint import NPTCheckpoint
 from npt.data import load_windows
 from npt.losses import delta_norm
 from npt.model import Residuals, ShardModel

@@ -12,7 +12,7 @@ from torch import nn
 from engine.config import ModelConfig
 from modules.llama import LlamaEmbeddings, LlamaLMHead, StepContext, rope_inv_freq
 from modules.llama_npt import LlamaNPTBlock
-from npt.checkpoint import NPTCheckpoint, load_npt_block
+from modules.npt_checkpoint import NPTCheckpoint, load_npt_block
 
 #: Per NPT layer, the (v_a, v_b) of one forward pass.
 NPVectors = dict[int, tuple[torch.Tensor, torch.Tensor]]

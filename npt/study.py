@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import write_json_atomic
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import NPTConfig, parse_convert_layers
+from modules.npt_checkpoint import CHECKPOINT_NAME, NPTCheckpoint
 from npt.cache import ResidualCache
-from npt.checkpoint import CHECKPOINT_NAME, NPTCheckpoint
 from npt.data import load_windows
 from npt.evaluate import batches, layer_fidelity, perplexity
 from npt.limits import attention_residual_limits

@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.atomic import atomic_write, write_json_atomic
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError
-from engine.shards import ShardError, atomic_write, write_json_atomic
+from engine.shards import ShardError
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import NP_TARGETS, NPTConfig, freeze_all_but_np, parse_convert_layers
+from modules.npt_checkpoint import CHECKPOINT_NAME, CheckpointError, NPTCheckpoint
 from npt.cache import ResidualCache
-from npt.checkpoint import CHECKPOINT_NAME, CheckpointError, NPTCheckpoint
 from npt.data import batch_indices, load_windows
 from npt.evaluate import EVAL_NAME, evaluate
 from npt.losses import fidelity, regularizer

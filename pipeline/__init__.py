@@ -1,1 +1,2 @@
-"""The stage plan, stage runtime and token-pipelined greedy schedule."""
+"""The stage plan, the stage runtime, the token-pipelined greedy schedule, and the runner
+that ties them together for one rank."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config import ModelConfig
 from engine.shards import EMBEDDINGS, LM_HEAD
 
 
@@ -14,6 +15,12 @@ class PlanError(ValueError):
 def _even(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (r < extra) for r in range(parts)]
+
+
+def lm_head_cost(config: ModelConfig) -> float:
+    """The LM head's decode work in layers (its weights over a layer's): what
+    ``last_stage_extra`` takes to balance the stages (``--balance-head``)."""
+    return config.vocab_size * config.hidden_size / config.layer_parameters()
 
 
 def split_layers(

@@ -7,12 +7,14 @@ token of each row's last position on the last stage)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from engine.config import ModelConfig
 from modules.llama import KVCache, LlamaEmbeddings, LlamaLMHead, StepContext, rope_inv_freq
+from modules.registry import BlockSpec, build_block
 from pipeline.plan import StagePlan
 
 
@@ -81,3 +83,14 @@ class Stage(nn.Module):
 
     def release(self, mb: int) -> None:
         self.states.pop(mb, None)
+
+
+def build_stage(
+    plan: StagePlan, model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, options=None
+) -> Stage:
+    """Load only this stage's shard files: its layers, plus embeddings or head at the ends.
+    ``options`` are the block type's typed options (see ``modules.registry``)."""
+    blocks = [build_block(plan.model_type, BlockSpec(model_dir, config, i, dtype), options) for i in plan.layers]
+    embeddings = LlamaEmbeddings.from_shard(model_dir, config, dtype) if plan.is_first else None
+    head = LlamaLMHead.from_shard(model_dir, config, dtype) if plan.is_last else None
+    return Stage(plan, config, blocks, embeddings, head, dtype, device).to(device)

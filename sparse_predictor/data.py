@@ -15,30 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-FORMAT = 1
-
-#: File stem -> the manifest field giving its row width.
-WIDTH_FIELDS = {
-    "mlp_x": "hidden_size",
-    "mlp_label": "intermediate_size",
-    "att_x": "hidden_size",
-    "att_label": "num_heads",
-}
-
-#: How each manifest dtype is laid out on disk; numpy has no bfloat16, so its raw bits
-#: are mapped as uint16 and reinterpreted by torch.
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+from engine.dataset_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STORAGE_DTYPES,
+    CollectError,
+    array_path,
+    array_widths,
+)
 
 #: Validation and test hold out whole blocks of consecutive rows (at most this many per
 #: block): neighbouring tokens of one prompt are near copies, so a row-level split would
 #: measure on the training rows' twins.
 MAX_SPLIT_BLOCK = 512
 MIN_SPLIT_BLOCKS = 100
-
-
-class CollectError(ValueError):
-    """The collect directory is missing a file, a layer, or rows the trainer needs."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +53,8 @@ class Collection:
             raise CollectError(f"{path}: no manifest (is {directory} a save-mode collect directory?)") from None
         except json.JSONDecodeError as e:
             raise CollectError(f"{path}: invalid JSON: {e}") from None
-        if m.get("format") != FORMAT:
-            raise CollectError(f"{path}: format {m.get('format')!r}, this trainer reads format {FORMAT}")
+        if m.get("format") != FORMAT_VERSION:
+            raise CollectError(f"{path}: format {m.get('format')!r}, this trainer reads format {FORMAT_VERSION}")
         if m.get("dtype") not in STORAGE_DTYPES:
             raise CollectError(f"{path}: dtype {m.get('dtype')!r} is not one of {sorted(STORAGE_DTYPES)}")
         try:
@@ -96,12 +86,12 @@ class Collection:
         return self.rows[layer]
 
     def width(self, stem: str) -> int:
-        return getattr(self, WIDTH_FIELDS[stem])
+        return array_widths(self)[stem]
 
     def array(self, stem: str, layer: int) -> np.memmap:
         """``<stem>_<layer>.mmap`` mapped read-only with only the rows written (row-major)."""
         rows, width = self.rows_of(layer), self.width(stem)
-        path = self.directory / f"{stem}_{layer}.mmap"
+        path = array_path(self.directory, stem, layer)
         if not path.is_file():
             raise CollectError(f"{path}: file is missing (layer {layer} is listed in the manifest)")
         dtype = STORAGE_DTYPES[self.dtype]

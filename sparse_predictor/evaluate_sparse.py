@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
 from engine.prompts import read_prompts
-from engine.shards import ShardError, write_json_atomic
+from engine.shards import ShardError
 from engine.tokenizer import load_tokenizer
 from modules.llama import LlamaBlock, LlamaEmbeddings, LlamaLMHead
 from modules.llama_sparse import SPARSE_MODES, LlamaSparseBlock, SparseSettings, check_sparsity

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.collector import model_fingerprint
 from engine.config import ModelConfig
+from engine.dataset_format import model_fingerprint
 from engine.shards import load_untrusted
 from modules.llama_sparse import LayerPredictor
 from sparse_predictor.data import Collection

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from engine.shards import atomic_write  # noqa: E402
+from engine.atomic import atomic_write  # noqa: E402
 from sparse_predictor.results import read_metrics, section  # noqa: E402
 
 REPORT_FILE = "report.md"

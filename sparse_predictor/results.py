@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.shards import write_json_atomic
+from engine.atomic import write_json_atomic
 
 METRICS_FILE = "metrics.json"
 #: 2: metrics measured on held-out test rows, with ``val_at_best_epoch`` and ``split``.

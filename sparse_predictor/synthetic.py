@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.atomic import write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import expected_shapes, save_shard, write_json_atomic
-from sparse_predictor.data import FORMAT, MANIFEST, STORAGE_DTYPES
+from engine.dataset_format import FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, array_path
+from engine.shards import expected_shapes, save_shard
 
 
 def tiny_config(hidden: int = 32, ffn: int = 64, heads: int = 4, layers: int = 3) -> ModelConfig:
@@ -87,10 +88,10 @@ def write_collection(
             "mlp_label": np.maximum(rms_norm(mlp_x, w_post, config.rms_norm_eps) @ low_rank, 0.0),
         }
         for stem, values in arrays.items():
-            _write_mmap(path / f"{stem}_{layer}.mmap", values, rows[layer], dtype, tail_value)
+            _write_mmap(array_path(path, stem, layer), values, rows[layer], dtype, tail_value)
         stream = stream + 0.2 * rng.standard_normal(stream.shape).astype(np.float32)
     manifest = {
-        "format": FORMAT,
+        "format": FORMAT_VERSION,
         "dtype": dtype,
         "capacity": capacity,
         "hidden_size": h,

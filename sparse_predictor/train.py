@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import atomic_write
 from engine.config import ConfigError, ModelConfig
-from engine.shards import ShardError, atomic_write
+from engine.shards import ShardError
 from sparse_predictor.data import CollectError, Collection, split_rows
 from sparse_predictor.drift import embedding_drift
 from sparse_predictor.labels import abs_quantile, heads_kept

@@ -114,12 +114,12 @@ def tiny_model(tiny_hf_dir):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if launch/infer.py would build a stage: its error must come before any heavy work."""
-    import launch.infer
+    import pipeline.runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a stage was loaded before the error was found")
 
-    monkeypatch.setattr(launch.infer, "build_stage", refuse)
+    monkeypatch.setattr(pipeline.runner, "build_stage", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,10 @@ import torch
 from pipeline_helpers import infer_args, write_prompts
 
 from converters.convert_llama_checkpoint import main as convert_main
+from engine.atomic import atomic_write, write_json_atomic
 from engine.config import ModelConfig
-from engine.shards import ShardError, atomic_write, expected_shapes, load_shard, save_shard, write_json_atomic
-from npt.checkpoint import FORMAT, CheckpointError, NPTCheckpoint
+from engine.shards import ShardError, expected_shapes, load_shard, save_shard
+from modules.npt_checkpoint import FORMAT, CheckpointError, NPTCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERTER = ROOT / "converters" / "convert_llama_checkpoint.py"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock, StepContext, rope_inv_freq
 from modules.llama_npt import LlamaNPTBlock, NPComponent, NPTConfig, freeze_all_but_np, parse_convert_layers
-from npt.checkpoint import CheckpointError, NPTCheckpoint, load_npt_block
+from modules.npt_checkpoint import CheckpointError, NPTCheckpoint, load_npt_block
 from npt.model import ShardModel
 from npt.train import layerwise_loss
 

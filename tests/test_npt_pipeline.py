@@ -10,7 +10,7 @@ from pipeline_helpers import infer_args, run_infer, torchrun, write_prompts
 
 from engine.config import ModelConfig
 from modules.llama_npt import LlamaNPTBlock, NPTConfig
-from npt.checkpoint import NPTCheckpoint
+from modules.npt_checkpoint import NPTCheckpoint
 
 PROMPTS = ["The quick brown fox", "Pipeline parallel inference splits a model", "Hello"]
 NEW_TOKENS = "8"

@@ -18,7 +18,7 @@ from test_npt_train import SENTENCES, hf_perplexity
 from engine.config import ModelConfig
 from engine.tokenizer import load_tokenizer
 from modules.llama_npt import LlamaNPTBlock, NPTConfig
-from npt.checkpoint import NPTCheckpoint
+from modules.npt_checkpoint import NPTCheckpoint
 from npt.data import load_windows
 from npt.limits import attention_residual_limits, update_jacobian
 from npt.model import ShardModel

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modules.llama_npt import NPTConfig
-from npt.checkpoint import NPTCheckpoint
+from modules.npt_checkpoint import NPTCheckpoint
 from npt.evaluate import main as evaluate_main
 from npt.evaluate import perplexity
 from npt.model import ShardModel

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from engine.atomic import atomic_write
 from engine.config import ModelConfig
-from engine.shards import ShardError, atomic_write, check_shapes, load_untrusted
+from engine.shards import ShardError, check_shapes, load_untrusted
 from modules.llama import LlamaBlock
 from modules.llama_npt import LlamaNPTBlock, NPTConfig, np_shapes
 
