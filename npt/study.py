@@ -3,8 +3,8 @@
     python -m npt.study --model-name SHARD_DIR --out DIR [--steps 60] [--copy-to findings/npt] [--quick]
 
 Trains every configuration of the grid (NP rank x converted layers x training mode, plus
-the gate_up reading of seed 003's W_in on a subset) for the same number of steps on the
-same training windows, and measures the NPT/base perplexity ratio on held-out windows at
+the gate_up reading of seed 003's W_in on a subset; see ``grid``) for the same number of
+steps on the same training windows, and measures the NPT/base perplexity ratio on held-out windows at
 half and at the full step budget. Layer-wise training fits each layer on its own original
 input, so the layers of one run are independent: one run on the upper half gives every
 nested set (last 1, 2, 4 layers) too. The layer-wise runs also measure, per layer, how much
@@ -186,7 +186,7 @@ def train_args(study: Study, run: Run, out: Path) -> argparse.Namespace:
     a = study.args
     argv = [
         "--model-name", str(a.model_name), "--out", str(out), "--data", str(a.data), "--mode", run.mode,
-        "--convert-layers", ",".join(map(str, study.layers(run.layer_set))), "--np-rank", str(run.rank),
+        "--convert-layers", run.layer_set, "--np-rank", str(run.rank),
         "--np-target", run.target, "--lr", str(run.lr or a.lr), "--warmup-steps", str(a.warmup_steps),
         "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--max-steps", str(a.steps),
         "--save-every", "20", "--device", "cpu", "--resume",
