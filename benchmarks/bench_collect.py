@@ -10,12 +10,12 @@ for Llama 3.2 1B/3B and Llama 3 8B."""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from benchmarks.common import run_engine, smollm_model_dir, write_prompt_file
+from engine.collect_manifest import recorded_rows
 from engine.config import ModelConfig
 from engine.corpus import load_documents
 from engine.dataset_format import array_widths
@@ -63,7 +63,7 @@ def main() -> None:
                 tokens = stats["prompt_tokens"] + stats["generated_tokens"]
                 best[model_type] = max(best[model_type], tokens / stats["total_seconds"])
                 if model_type == "llama-save":
-                    rows = min(json.loads((collect / "manifest.json").read_text())["rows"].values())
+                    rows = min(recorded_rows(collect).values())
         save_seconds = rows / best["llama-save"]
         bandwidth = rows * per_token * config.num_layers / save_seconds / 1e6
         slowdown = best["llama"] / best["llama-save"] - 1

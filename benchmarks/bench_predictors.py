@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import ROOT, run_engine, smollm_model_dir
+from engine.collect_manifest import recorded_rows
 
 
 def python(*args: str) -> None:
@@ -45,7 +46,7 @@ def main() -> None:
             "--max-tokens-per-doc",
             str(args.doc_tokens),
         )
-    if not (collect / "manifest.json").exists():
+    if not any(recorded_rows(collect).values()):
         run_engine(
             model_dir,
             corpus / "train.jsonl",
@@ -64,7 +65,7 @@ def main() -> None:
                 "8",
             ],
         )
-    rows = min(json.loads((collect / "manifest.json").read_text())["rows"].values())
+    rows = min(recorded_rows(collect).values())
 
     results = {}
     for kind, flag, value in (

@@ -2,27 +2,27 @@
 
 Files are created sparse (no zero-filling) and written with ``pwrite``: on a full disk a
 write through a memory map would kill the process with SIGBUS, a ``pwrite`` fails with an
-error naming the file. ``manifest.json`` holds the rows written per layer and is replaced
-atomically after each flush, under a file lock shared by the ranks, so a run killed or
-failing at any moment leaves a dataset whose manifest rows are valid."""
+error naming the file. Each rank publishes the rows written for its own layers in its own
+manifest part (engine/collect_manifest.py), replaced atomically after each flush and
+shared with no other rank, so a run killed or failing at any moment, on one node or
+several, leaves parts whose rows are valid."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.atomic import write_json_atomic
+from engine.collect_manifest import header_mismatch, part_name, read_parts, recorded_rows, write_part
 from engine.config import ModelConfig
 from engine.dataset_format import (
     ARRAYS,
@@ -34,73 +34,80 @@ from engine.dataset_format import (
     model_fingerprint,
 )
 
-LOCK = ".manifest.lock"
 #: Writes smaller than this many values are done inline rather than by the writer thread.
 INLINE_WRITE_VALUES = 1 << 16
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """What a collection may write: ``bytes_per_layer_row`` = (2 hidden + heads + ffn) values
+    of the collect dtype (att_x, mlp_x, att_label, mlp_label), for every row still free in
+    the files of ``layers`` layers; and the space free on the collect dir's disk."""
+
+    directory: Path
+    bytes_per_layer_row: int
+    layers: int
+    rows: int
+    free_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_per_layer_row * self.layers * self.rows
+
+    @property
+    def missing_bytes(self) -> int:
+        return self.bytes - self.free_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.bytes_per_layer_row} bytes per layer per row; {self.layers} layers x {self.rows} rows"
+            f" may write up to {self.bytes / 1e9:.3g} GB, {self.free_bytes / 1e9:.3g} GB free in {self.directory}"
+        )
+
+
+def disk_estimate(config: ModelConfig, dtype: str, collect_dir: Path, layers: list[int], capacity: int) -> DiskEstimate:
+    """The files of ``layers`` at full ``capacity`` (less the rows a resumed dataset holds)."""
+    written = recorded_rows(collect_dir) if collect_dir.is_dir() else {}
+    rows = capacity - min((written.get(layer, 0) for layer in layers), default=0)
+    existing = next(p for p in (collect_dir, *collect_dir.parents) if p.exists())  # the disk it will be on
+    per_row = sum(array_widths(config).values()) * np.dtype(dtype).itemsize
+    return DiskEstimate(collect_dir, per_row, len(layers), max(0, rows), shutil.disk_usage(existing).free)
+
+
+def check_disk_space(estimate: DiskEstimate, allow: bool, announce: bool) -> None:
+    """Say (``announce``) what the collection may write; refuse, before anything starts, when
+    it cannot fit, or only warn when ``allow`` (--collect-ignore-disk-space)."""
+    if announce:
+        print(f"collect: {estimate.describe()}", file=sys.stderr, flush=True)
+    if estimate.missing_bytes <= 0:
+        return
+    if not allow:
+        raise CollectError(
+            f"{estimate.describe()}: the files would not fit; lower --collect-capacity, record fewer layers"
+            " (--collect-layers), or pass --collect-ignore-disk-space"
+        )
+    warnings.warn(estimate.describe(), stacklevel=2)
 
 
 def check_collect_dir(collect_dir: Path, resume: bool) -> None:
     """Refuse to overwrite an existing dataset unless resuming. Run before any rank writes.
     A dataset without rows (left by a run that failed at start) holds nothing to lose."""
     if resume:
-        if not (collect_dir / MANIFEST).is_file():
-            raise CollectError(f"{collect_dir}: --collect-resume given but there is no {MANIFEST} to resume")
-    elif collect_dir.exists() and any(collect_dir.iterdir()) and _recorded_rows(collect_dir) != 0:
+        if (collect_dir / MANIFEST).is_file():
+            raise CollectError(
+                f"{collect_dir}: a joined dataset ({MANIFEST}) cannot be resumed: resume in the directories"
+                " it was joined from, then join again"
+            )
+        if not read_parts(collect_dir):
+            raise CollectError(f"{collect_dir}: --collect-resume given but there are no manifest parts to resume")
+    elif collect_dir.exists() and any(collect_dir.iterdir()) and any(recorded_rows(collect_dir).values()):
         raise CollectError(
             f"{collect_dir}: collect directory is not empty; pass --collect-resume to append, or choose another"
         )
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    try:
-        write_json_atomic(path, manifest)
-    except OSError as e:
-        raise CollectError(f"{path}: cannot update the manifest: {e.strerror} (disk full?)") from None
-
-
-def _header_mismatch(manifest: dict, header: dict) -> str | None:
-    """How an existing manifest differs from this run's, or None when they agree."""
-    for key, value in header.items():
-        if key != "model" and manifest.get(key) != value:
-            return f"{key} is {manifest.get(key)!r}, this run has {value!r}"
-    if manifest["model"]["config_sha256"] != header["model"]["config_sha256"]:
-        return f"collected from {manifest['model']['path']}, a different model"
-    return None
-
-
-def _recorded_rows(collect_dir: Path) -> int | None:
-    """Rows the manifest claims over all layers; None when there is no readable manifest."""
-    try:
-        return sum(json.loads((collect_dir / MANIFEST).read_text())["rows"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-@contextmanager
-def _locked(collect_dir: Path, timeout: float):
-    """The manifest lock the ranks share. Waiting is bounded: a rank that hangs while
-    holding it (stopped, stuck on a network disk) must not hang the others."""
-    with open(collect_dir / LOCK, "w") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CollectError(
-                        f"{collect_dir / LOCK}: another process has held the manifest lock for {timeout:g} s"
-                        " (a hung rank?)"
-                    ) from None
-                time.sleep(0.01)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class ActivationCollector:
-    """One rank's writer for the layers it owns; all ranks share one manifest."""
+    """One rank's writer for the layers it owns and their manifest part."""
 
     def __init__(
         self,
@@ -114,14 +121,12 @@ class ActivationCollector:
         capacity: int = 400_000,
         resume: bool = False,
         flush_seconds: float = 30.0,
-        lock_timeout: float = 300.0,
     ):
         self.dir = Path(collect_dir)
         self.layers, self.dtype, self.capacity = list(layers), np.dtype(dtype), capacity
         self.torch_dtype = getattr(torch, self.dtype.name)
         self.widths = array_widths(config)
         self.flush_seconds, self._last_flush = flush_seconds, time.monotonic()
-        self.lock_timeout = lock_timeout
         header = {
             "format": FORMAT_VERSION,
             "dtype": self.dtype.name,
@@ -138,13 +143,39 @@ class ActivationCollector:
         self.full = False
         self.files: dict[tuple[str, int], ArrayFile] = {}
         self._writer: BackgroundWriter | None = None
+        self.resume_from = self.resume_row() if resume else 0
 
-    def open(self) -> ActivationCollector:
-        """Create (or reopen, when resuming) the manifest and this rank's files. Called once
+    @property
+    def part_path(self) -> Path:
+        return self.dir / part_name(self.layers)
+
+    def resume_row(self) -> int:
+        """The first row to write when resuming: the shortest of this rank's layers. The
+        ranks then agree on the shortest of all (``open``), so row k stays the same token
+        in every layer, on every node."""
+        parts = read_parts(self.dir)
+        if self.part_path not in parts:
+            raise CollectError(
+                f"{self.part_path}: missing: layers {self.layers} were not collected in {self.dir}"
+                " (another node's directory, or another stage split?)"
+            )
+        part = parts[self.part_path]
+        if mismatch := header_mismatch(part, self.header):
+            raise CollectError(f"{self.part_path}: cannot resume: {mismatch}")
+        return min(int(part["rows"].get(str(layer), 0)) for layer in self.layers)
+
+    def open(self, start: int = 0) -> ActivationCollector:
+        """Publish this rank's part (rows from ``start``) and open its files. Called once
         every rank has started, so a run that fails at start writes nothing."""
-        start = self._open_manifest()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        inputs = [self.input_path]
+        if self.resume:
+            inputs = list(dict.fromkeys([*read_parts(self.dir)[self.part_path].get("inputs", []), self.input_path]))
+        else:
+            self._clear_stale_parts()
+        self.inputs = inputs
         self.rows = {layer: start for layer in self.layers}
-        self._warn_disk_space()
+        self._publish()  # at once, before rows past ``start`` are overwritten
         for layer in self.layers:
             for name in ARRAYS:
                 path = array_path(self.dir, name, layer)
@@ -152,49 +183,27 @@ class ActivationCollector:
         self._writer = BackgroundWriter(self.torch_dtype, max_pending=len(self.files))  # about one step
         return self
 
-    def _open_manifest(self) -> int:
-        """Create the manifest (the first rank to get here), or check one made by another
-        rank of this run or being resumed; return the first row to write."""
-        header, input_path = self.header, self.input_path
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with _locked(self.dir, self.lock_timeout):
-            path = self.dir / MANIFEST
-            fresh = {
-                **header,
-                "rows": {str(layer): 0 for layer in header["layers"]},
-                "full": False,
-                "inputs": [input_path],
-            }
-            if not path.exists():
-                _write_manifest(path, fresh)
-                return 0
-            manifest = json.loads(path.read_text())
-            mismatch = _header_mismatch(manifest, header)
-            if not self.resume:
-                if mismatch and not any(manifest["rows"].values()):  # left by a run that failed at start
-                    _write_manifest(path, fresh)
-                elif mismatch:
-                    raise CollectError(f"{path}: another run started collecting here ({mismatch})")
-                return 0
-            if mismatch:
-                raise CollectError(f"{path}: cannot resume: {mismatch}")
-            # Keep row k the same token in every layer: restart every layer at the shortest,
-            # and say so at once, before rows past it are overwritten.
-            start = min((manifest["rows"].get(str(layer), 0) for layer in header["layers"]), default=0)
-            manifest["rows"] = {str(layer): start for layer in header["layers"]}
-            manifest["inputs"] += [input_path] if input_path not in manifest["inputs"] else []
-            _write_manifest(path, manifest)
-            return start
+    def _clear_stale_parts(self) -> None:
+        """Remove rowless parts left by a run that failed at start where they would clash
+        with this run's (same layers, or another layout); a part with rows is another
+        run collecting here."""
+        for path, part in read_parts(self.dir).items():
+            overlaps = set(map(int, part.get("rows", {}))) & set(self.layers)
+            if path == self.part_path or not (overlaps or header_mismatch(part, self.header)):
+                continue
+            if any(part.get("rows", {}).values()):
+                raise CollectError(f"{path}: another run started collecting here")
+            path.unlink(missing_ok=True)
 
-    def _warn_disk_space(self) -> None:
-        per_row = sum(self.widths.values()) * self.dtype.itemsize * len(self.layers)
-        need = per_row * max(0, self.capacity - min(self.rows.values(), default=0))
-        free = shutil.disk_usage(self.dir).free
-        if need > free:
-            warnings.warn(
-                f"{self.dir}: collection may write up to {need / 1e9:.3g} GB but only {free / 1e9:.3g} GB are free",
-                stacklevel=2,
-            )
+    def _publish(self) -> None:
+        part = {
+            **self.header,
+            "part_layers": self.layers,
+            "rows": {str(layer): n for layer, n in self.rows.items()},
+            "full": self.full,
+            "inputs": self.inputs,
+        }
+        write_part(self.part_path, part)
 
     def record(self, layer: int, real: torch.Tensor, **arrays: torch.Tensor) -> None:
         """Append the rows of real tokens (``real`` (B, T) bool) of one layer's arrays."""
@@ -225,12 +234,7 @@ class ActivationCollector:
         self._writer.drain()
         for file in self.files.values():
             file.sync()
-        with _locked(self.dir, self.lock_timeout):
-            path = self.dir / MANIFEST
-            manifest = json.loads(path.read_text())
-            manifest["rows"].update({str(layer): n for layer, n in self.rows.items()})
-            manifest["full"] = manifest["full"] or self.full
-            _write_manifest(path, manifest)
+        self._publish()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

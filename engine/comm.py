@@ -3,7 +3,7 @@
 Sends are non-blocking so that the decode ring (last stage -> rank 0) can never deadlock
 against rank 0's own sends; receives block, bounded by the process-group timeout, so a
 dead peer makes the others fail with an error instead of hanging. Another transport
-(e.g. cupy NCCL) is one more class with the same methods."""
+(cupy's NCCL, engine/comm_cupy.py) is one more class with the same methods."""
 
 from __future__ import annotations
 
@@ -24,8 +24,13 @@ def default_backend() -> str:
 
 
 def device_for(backend: str) -> torch.device:
-    """NCCL runs on the GPU that LOCAL_RANK picks; gloo on the CPU."""
-    if backend in ("torch_nccl", "nccl"):
+    """NCCL runs on the GPU that LOCAL_RANK picks; gloo on the CPU. A backend that cannot
+    run here is refused now, on every rank, before any process group."""
+    if backend == "cupy_nccl":
+        from engine.comm_cupy import check_cupy_nccl
+
+        check_cupy_nccl()
+    if backend in ("torch_nccl", "nccl", "cupy_nccl"):
         if not torch.cuda.is_available():
             raise ValueError(f"--dist-backend {backend} needs CUDA, which is not available on this machine")
         index = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,6 +61,9 @@ class LocalCommunicator:
     def failed_ranks(self, failed: bool) -> list[int]:
         return [0] if failed else []
 
+    def all_gather_objects(self, obj: object) -> list[object]:
+        return [obj]
+
     def gather_objects(self, obj: object) -> list[object]:
         return [obj]
 
@@ -67,8 +75,6 @@ class TorchDistCommunicator:
     """Activations and tokens between stages, with the time spent waiting measured."""
 
     def __init__(self, backend: str, timeout_seconds: float, device: torch.device):
-        if backend == "cupy_nccl":
-            raise ValueError("--dist-backend cupy_nccl is not implemented yet: use torch_nccl (GPUs) or gloo")
         self.device, self.timeout_seconds = device, timeout_seconds
         with self._peer(None, "joining"):
             dist.init_process_group(
@@ -96,10 +102,15 @@ class TorchDistCommunicator:
 
     def failed_ranks(self, failed: bool) -> list[int]:
         """Tell every rank whether this one failed to start; returns the ranks that did."""
-        flags = [None] * self.world_size
-        with self._peer(None, "starting with"):
-            dist.all_gather_object(flags, failed)
+        flags = self.all_gather_objects(failed, "starting with")
         return [rank for rank, flag in enumerate(flags) if flag]
+
+    def all_gather_objects(self, obj: object, doing: str = "exchanging state with") -> list[object]:
+        """Every rank's ``obj``, on every rank."""
+        gathered = [None] * self.world_size
+        with self._peer(None, doing):
+            dist.all_gather_object(gathered, obj)
+        return gathered
 
     def gather_objects(self, obj: object) -> list[object] | None:
         """Every rank's ``obj`` on rank 0 (None elsewhere), e.g. per-rank statistics."""
@@ -141,3 +152,14 @@ class TorchDistCommunicator:
             else:
                 why = "a connection closed (did a rank fail? see its error)"
             raise PeerError(f"lost contact while {doing} {who}: {why}") from e
+
+
+def open_communicator(backend: str, timeout_seconds: float, device: torch.device, world_size: int):
+    """The communicator of this run: one process needs none, cupy_nccl its own class."""
+    if world_size == 1:
+        return LocalCommunicator()
+    if backend == "cupy_nccl":
+        from engine.comm_cupy import CupyNcclCommunicator
+
+        return CupyNcclCommunicator(timeout_seconds, device)
+    return TorchDistCommunicator(backend, timeout_seconds, device)

@@ -3,8 +3,9 @@ readers (the predictor trainer, sparse calibration): the manifest's name and ver
 arrays, their widths and file names, and the error a bad collect directory raises.
 
 A collect directory holds, per layer ``l``, one raw row-major file per array
-(``<array>_<l>.mmap``, ``capacity`` rows of the array's width) and ``manifest.json``, whose
-``rows`` say how many rows of each layer hold tokens."""
+(``<array>_<l>.mmap``, ``capacity`` rows of the array's width) and a manifest whose ``rows``
+say how many rows of each layer hold tokens: one part per rank as a run leaves it, or the
+``manifest.json`` of a joined dataset (engine/collect_manifest.py reads either)."""
 
 from __future__ import annotations
 

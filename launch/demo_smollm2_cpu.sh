@@ -47,14 +47,14 @@ echo "== 4. prepare a real English corpus (gensim's Lee news corpus, from PyPI)"
     --model-name "$OUT/model" --max-docs "${DOCS:-48}" --max-tokens-per-doc 128
 
 echo "== 5. collect activations (llama-save, prompt-only) on a $PP-stage pipeline"
-if [ ! -f "$OUT/collect/manifest.json" ]; then
+if ! compgen -G "$OUT/collect/manifest*.json" >/dev/null; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$PP" launch/infer.py \
         --model-type llama-save --model-name "$OUT/model" --pp-degree "$PP" \
         --infer-data "$OUT/corpus/train.jsonl" --output-path "$OUT/collect_results.jsonl" \
         --max-new-tokens 0 --collect-dir "$OUT/collect" --collect-capacity 8000 --micro-batch-size 8
 fi
-"$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"{len(m['layers'])} layers x {min(m['rows'].values())} rows\")" \
-    "$OUT/collect/manifest.json"
+"$PY" -c "import sys; from sparse_predictor.data import Collection; c=Collection.open(sys.argv[1]); print(f'{len(c.layers)} layers x {min(c.rows.values())} rows')" \
+    "$OUT/collect"
 
 echo "== 6. train sparse predictors (MLP and attention) on every layer"
 PYTHON="$PY" bash launch/train_predictors.sh "$OUT/collect" "$OUT/model" "$OUT/predictors" --epochs "${EPOCHS:-3}"

@@ -62,16 +62,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="give the last stage fewer layers, weighing the LM head by its decode cost",
     )
-    p.add_argument("--dist-backend", choices=BACKENDS, default=None, help="default: torch_nccl with CUDA, else gloo")
+    p.add_argument(
+        "--dist-backend",
+        choices=BACKENDS,
+        default=None,
+        help="default: torch_nccl with CUDA, else gloo; cupy_nccl needs the gpu extra",
+    )
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
     p.add_argument("--threads", type=_count(1), default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--collect-dir", help="where llama-save stages write their activation files")
+    p.add_argument(
+        "--collect-layers",
+        type=_layer_list,
+        default=None,
+        help="record only these layers, e.g. 0,15,28-31 (default: every layer of the llama-save stages)",
+    )
     p.add_argument("--collect-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--collect-capacity", type=_count(1), default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
+    p.add_argument(
+        "--collect-ignore-disk-space",
+        action="store_true",
+        help="start even when the files at full --collect-capacity would not fit on the disk (a warning instead)",
+    )
     p.add_argument(
         "--verify-shards", action="store_true", help="check each stage's shard files against the manifest's sha256"
     )
@@ -114,6 +130,18 @@ def _count(minimum: int):
     return parse
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """An argparse type: layer indices, comma-separated, with ranges as ``first-last``."""
+    layers = []
+    try:
+        for item in text.split(","):
+            first, _, last = item.strip().partition("-")
+            layers += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices like 0,3,8-11, got {text!r}") from None
+    return tuple(sorted(set(layers)))
+
+
 def _fraction(text: str) -> float:
     """An argparse type: a sparsity in [0, 1)."""
     try:
@@ -149,6 +177,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             args.collect_capacity,
             args.collect_resume,
             args.collect_flush_seconds,
+            args.collect_layers,
+            args.collect_ignore_disk_space,
         ),
         npt_checkpoint=_path(args.npt_checkpoint),
         sparse=SparseRequest(

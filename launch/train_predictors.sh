@@ -29,7 +29,7 @@ if empty:
 print(",".join(str(layer) for layer in c.layers if c.rows[layer] > 0))
 ' "$DATA_DIR")
 if [[ -z $LAYERS ]]; then
-    echo "error: no layer in $DATA_DIR/manifest.json holds rows" >&2
+    echo "error: no layer in $DATA_DIR's manifest holds rows" >&2
     exit 1
 fi
 echo "layers: $LAYERS"

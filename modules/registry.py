@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SaveOptions:
-    """llama-save: the collector its blocks record into."""
+    """llama-save: the collector its blocks record into (None: the stage records none of
+    its layers, --collect-layers, and runs them all as plain blocks)."""
 
-    collector: ActivationCollector
+    collector: ActivationCollector | None
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ def _npt(spec: BlockSpec, options: NPTOptions) -> nn.Module:
 
 
 def _save(spec: BlockSpec, options: SaveOptions) -> nn.Module:
+    """A save block where the collector records this layer (--collect-layers), the plain block elsewhere."""
+    if options.collector is None or spec.layer_index not in options.collector.layers:
+        return _plain(spec, None)
     block = LlamaSaveBlock.from_shard(spec.model_dir, spec.config, spec.layer_index, spec.dtype)
     block.recorder = options.collector
     return block

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.collector import ActivationCollector, check_collect_dir
+from engine.collector import ActivationCollector, check_collect_dir, check_disk_space, disk_estimate
 from engine.config import ModelConfig
 from modules.llama_sparse import SparseSettings
 from modules.npt_checkpoint import CheckpointError, NPTCheckpoint
 from modules.registry import NPTOptions, SaveOptions, SparseOptions, block_type
-from pipeline.plan import StagePlan
-from pipeline.settings import RunSettings
+from pipeline.plan import StagePlan, recorded_layers
+from pipeline.settings import RankPlace, RunSettings
 from sparse_predictor.inference import load_predictors, teal_thresholds
 
 
@@ -21,7 +21,7 @@ from sparse_predictor.inference import load_predictors, teal_thresholds
 class RunInputs:
     """What every rank checks or loads before the process group, alike on every rank."""
 
-    save_layers: list[int]  # the layers of every llama-save stage: the collect dir's layers
+    save_layers: list[int]  # the layers llama-save stages record (--collect-layers): the dataset's layers
     npt: NPTCheckpoint | None
 
 
@@ -29,14 +29,19 @@ def _runs(plan: StagePlan, options: type) -> bool:
     return block_type(plan.model_type).options is options
 
 
-def prepare_run(settings: RunSettings, plans: list[StagePlan], config: ModelConfig) -> RunInputs:
+def prepare_run(settings: RunSettings, plans: list[StagePlan], config: ModelConfig, place: RankPlace) -> RunInputs:
     """Cheap checks every rank makes alike: the collect dir may be written (before any rank
-    writes), the NPT checkpoint fits the model and the stages."""
-    save_layers = [layer for plan in plans if _runs(plan, SaveOptions) for layer in plan.layers]
+    writes) and its disk holds this node's files, the NPT checkpoint fits the model and the stages."""
+    save_types = {plan.model_type for plan in plans if _runs(plan, SaveOptions)}
+    save_layers = recorded_layers(plans, save_types, settings.collect.layers)
     if save_layers:
-        if settings.collect.dir is None:
+        c = settings.collect
+        if c.dir is None:
             raise ValueError("llama-save stages need --collect-dir")
-        check_collect_dir(settings.collect.dir, settings.collect.resume)
+        check_collect_dir(c.dir, c.resume)
+        node = [layer for plan in plans if plan.rank in place.node_ranks for layer in plan.layers]
+        estimate = disk_estimate(config, c.dtype, c.dir, [layer for layer in node if layer in save_layers], c.capacity)
+        check_disk_space(estimate, c.ignore_disk_space, announce=place.local_rank == 0)
     return RunInputs(save_layers, load_npt_checkpoint(settings.npt_checkpoint, plans, config))
 
 
@@ -61,10 +66,14 @@ def load_npt_checkpoint(path, plans: list[StagePlan], config: ModelConfig) -> NP
 
 
 def _save_options(settings: RunSettings, plan: StagePlan, run: RunInputs, config: ModelConfig) -> SaveOptions:
+    """The collector of the stage's recorded layers; none when it records none of them."""
     c = settings.collect
+    recorded = [layer for layer in plan.layers if layer in run.save_layers]
+    if not recorded:
+        return SaveOptions(None)
     collector = ActivationCollector(
         c.dir,
-        list(plan.layers),
+        recorded,
         run.save_layers,
         config,
         settings.model_dir,
@@ -73,7 +82,6 @@ def _save_options(settings: RunSettings, plan: StagePlan, run: RunInputs, config
         c.capacity,
         c.resume,
         c.flush_seconds,
-        settings.dist_timeout,
     )
     return SaveOptions(collector)
 

@@ -89,3 +89,21 @@ def make_plans(
         raise PlanError(f"--stage-model-types lists {len(model_types)} types for {world_size} stages")
     ranges = split_layers(num_layers, world_size, layers_per_stage, max_layers, last_stage_extra)
     return [StagePlan(r, world_size, ranges[r], model_types[r]) for r in range(world_size)]
+
+
+def recorded_layers(plans: list[StagePlan], save_types: set[str], chosen: tuple[int, ...] | None) -> list[int]:
+    """The layers the stages of ``save_types`` record: all of theirs, or the ``chosen`` ones
+    (--collect-layers), each of which must run on such a stage: elsewhere nothing records it."""
+    on_save = [layer for plan in plans if plan.model_type in save_types for layer in plan.layers]
+    for layer in chosen or ():
+        owner = next((plan for plan in plans if layer in plan.layers), None)
+        if owner is None:
+            raise PlanError(
+                f"--collect-layers: layer {layer} is not run (this pipeline runs layers 0-{plans[-1].layers.stop - 1})"
+            )
+        if owner.model_type not in save_types:
+            raise PlanError(
+                f"--collect-layers: layer {layer} runs on stage {owner.rank} as {owner.model_type!r}, which records"
+                " nothing; make that stage llama-save (--model-type or --stage-model-types)"
+            )
+    return on_save if chosen is None else list(chosen)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from engine.collector import ActivationCollector, CollectError
-from engine.comm import LocalCommunicator, PeerError, TorchDistCommunicator, default_backend, device_for
+from engine.comm import PeerError, default_backend, device_for, open_communicator
 from engine.config import ConfigError, ModelConfig
 from engine.prompts import PromptError, read_prompts
 from engine.shards import ShardError, shard_filename, verify_manifest
@@ -74,7 +74,7 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
     if pp != place.world_size:
         raise PlanError(
             f"--pp-degree {pp} must equal the number of processes ({place.world_size});"
-            f" use torchrun --nproc_per_node {pp}"
+            f" use torchrun --nproc_per_node {pp} (on several nodes: --nnodes times --nproc_per_node)"
         )
     if settings.threads or place.world_size > 1:
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // place.local_world_size))
@@ -89,19 +89,19 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
         head_cost,
     )
     plan = plans[place.rank]
-    run_inputs = prepare_run(settings, plans, config)
+    run_inputs = prepare_run(settings, plans, config, place)
     backend = settings.dist_backend or default_backend()
     device = device_for(backend)
 
-    comm = (
-        TorchDistCommunicator(backend, settings.dist_timeout, device) if place.world_size > 1 else LocalCommunicator()
-    )
+    comm = open_communicator(backend, settings.dist_timeout, device, place.world_size)
     stage, collector, inputs = start_together(comm, lambda: load_stage(settings, plan, run_inputs, config, device))
+    resuming = settings.collect.resume and run_inputs.save_layers
+    first_row = agree_first_row(comm, collector) if resuming else 0
     start = time.perf_counter()
     generation = None
     try:
         if collector is not None:
-            collector.open()
+            collector.open(first_row)
         if plan.is_first:
             generation = drive(settings, stage, comm, *inputs, pp)
         else:
@@ -150,6 +150,13 @@ def start_together(comm, start: Callable):
     if failed := comm.failed_ranks(False):
         raise PeerError(f"rank {', '.join(map(str, failed))} failed to start (see its error); nothing was run")
     return result
+
+
+def agree_first_row(comm, collector: ActivationCollector | None) -> int:
+    """Where a resumed collection goes on: the shortest layer of any rank (save stage or
+    not, every rank takes part), so row k is the same token in every layer on every node."""
+    rows = comm.all_gather_objects(collector.resume_from if collector is not None else None)
+    return min(row for row in rows if row is not None)
 
 
 def close_after_failure(collector: ActivationCollector) -> None:

@@ -18,6 +18,8 @@ class CollectSettings:
     capacity: int = 400_000
     resume: bool = False
     flush_seconds: float = 30.0
+    layers: tuple[int, ...] | None = None  # --collect-layers; None: every layer of the llama-save stages
+    ignore_disk_space: bool = False  # start even when the files at full capacity would not fit
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,16 @@ class RankPlace:
     rank: int = 0
     world_size: int = 1
     local_world_size: int = 1
+    local_rank: int = 0
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> RankPlace:
         world_size = int(env.get("WORLD_SIZE", 1))
-        return cls(int(env.get("RANK", 0)), world_size, int(env.get("LOCAL_WORLD_SIZE", world_size)))
+        local = (int(env.get("LOCAL_WORLD_SIZE", world_size)), int(env.get("LOCAL_RANK", 0)))
+        return cls(int(env.get("RANK", 0)), world_size, *local)
+
+    @property
+    def node_ranks(self) -> range:
+        """The ranks on this node: torchrun gives a node consecutive global ranks."""
+        first = self.rank - self.local_rank
+        return range(first, first + self.local_world_size)

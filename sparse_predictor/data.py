@@ -7,7 +7,6 @@ predictor, and nothing is loaded into memory until a batch asks for it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.dataset_format import (
-    FORMAT_VERSION,
-    MANIFEST,
-    STORAGE_DTYPES,
-    CollectError,
-    array_path,
-    array_widths,
-)
+from engine.collect_manifest import read_manifest
+from engine.dataset_format import FORMAT_VERSION, STORAGE_DTYPES, CollectError, array_path, array_widths
 
 #: Validation and test hold out whole blocks of consecutive rows (at most this many per
 #: block): neighbouring tokens of one prompt are near copies, so a row-level split would
@@ -45,14 +38,10 @@ class Collection:
 
     @classmethod
     def open(cls, directory: str | Path) -> Collection:
+        """The dataset in ``directory``: joined (manifest.json) or as its ranks left it (parts)."""
         directory = Path(directory)
-        path = directory / MANIFEST
-        try:
-            m = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CollectError(f"{path}: no manifest (is {directory} a save-mode collect directory?)") from None
-        except json.JSONDecodeError as e:
-            raise CollectError(f"{path}: invalid JSON: {e}") from None
+        path = f"{directory}'s manifest"
+        m = read_manifest(directory)
         if m.get("format") != FORMAT_VERSION:
             raise CollectError(f"{path}: format {m.get('format')!r}, this trainer reads format {FORMAT_VERSION}")
         if m.get("dtype") not in STORAGE_DTYPES:
@@ -82,7 +71,7 @@ class Collection:
         if layer not in self.rows:
             raise CollectError(f"layer {layer} was not recorded in {self.directory} (recorded layers: {self.layers})")
         if self.rows[layer] <= 0:
-            raise CollectError(f"layer {layer} has no rows in {self.directory / MANIFEST}")
+            raise CollectError(f"layer {layer} has no rows in {self.directory}'s manifest")
         return self.rows[layer]
 
     def width(self, stem: str) -> int:

@@ -4,12 +4,12 @@ before any generation, and both come out as plain modules and numbers for the bl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.collect_manifest import read_manifest
 from engine.config import ModelConfig
 from engine.dataset_format import model_fingerprint
 from engine.shards import load_untrusted
@@ -80,7 +80,7 @@ def _abs_quantile(values: torch.Tensor, q: float) -> float:
 
 def _check_same_model(collection: Collection, model_dir: Path) -> None:
     """The collection's model, by the content of its config (as resuming a collection checks)."""
-    manifest = json.loads((collection.directory / "manifest.json").read_text())
+    manifest = read_manifest(collection.directory)
     collected = manifest.get("model", {})
     if collected.get("config_sha256") != model_fingerprint(model_dir)["config_sha256"]:
         raise SparseSetupError(

@@ -5,7 +5,6 @@ and benchmarks/bench_faults.py (which times how fast the survivors stop)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -15,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from pipeline_helpers import INFER, ROOT, infer_args, write_prompts
+from pipeline_helpers import INFER, ROOT, infer_args, start_node, write_prompts
+
+from engine.collect_manifest import recorded_rows
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,6 +48,7 @@ class Run:
     logs: list[Path]
     collect_dir: Path
     out: Path
+    node_dirs: tuple[Path, ...] = ()  # node-local collect dirs, on a multi-node run
 
     def stderr(self) -> str:
         return "".join(log.read_text(errors="replace") for log in self.logs)
@@ -82,9 +84,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(model_dir: Path, work: Path, nproc: int, extra: list[str], texts: list[str]) -> tuple[list[str], Path, Path]:
+def _args(
+    model_dir: Path, work: Path, nproc: int, extra: list[str], texts: list[str], collect_dir: Path | None = None
+) -> tuple[list[str], Path, Path]:
     prompts = write_prompts(work / "prompts.jsonl", [{"prompt": text} for text in texts])
-    out, collect_dir = work / "out" / "results.jsonl", work / "collect"
+    out, collect_dir = work / "out" / "results.jsonl", collect_dir or work / "collect"
     extra = ["--pp-degree", str(nproc), "--collect-dir", str(collect_dir), *SETTINGS, *extra]
     return infer_args(model_dir, prompts, out, extra), out, collect_dir
 
@@ -121,33 +125,46 @@ def start_ranks(model_dir: Path, work: Path, nproc: int, extra: list[str] = ()) 
     return Run(procs, logs, collect_dir, out)
 
 
+def start_nodes(model_dir: Path, work: Path, extra: list[str] = ()) -> Run:
+    """Two "nodes" (launch/run_multinode.sh, one rank each) collecting into a directory each."""
+    port, dirs = free_port(), (work / "node0", work / "node1")
+    procs, logs = [], []
+    for node, directory in enumerate(dirs):
+        args, out, _ = _args(model_dir, work, 2, list(extra), PROMPTS * 3, directory)
+        logs.append(work / f"node{node}.err")
+        procs.append(start_node(node, 2, port, args, logs[-1]))
+    return Run(procs, logs, work / "collect", out, dirs)
+
+
 def wait_until_decoding(run: Run, rows: int = 60, timeout: float = 120) -> None:
     """Wait until layer 0 has published ``rows`` rows: past the prefill, mid-decode."""
-    manifest = run.collect_dir / "manifest.json"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in run.procs):
             raise AssertionError(f"the run ended before it could be hurt:\n{run.stderr()[-3000:]}")
-        try:
-            if json.loads(manifest.read_text())["rows"].get("0", 0) >= rows:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        if any(recorded_rows(d).get(0, 0) >= rows for d in (run.collect_dir, *run.node_dirs)):
+            return
         time.sleep(0.02)
     raise AssertionError(f"no progress within {timeout} s:\n{run.stderr()[-3000:]}")
 
 
 def rank_pid(run: Run, rank: int) -> int:
-    """The process of ``rank``: the Popen itself, or torchrun's worker with that RANK."""
-    if len(run.procs) > 1:
+    """The process of ``rank``: the Popen itself, or a torchrun agent's worker with that RANK."""
+    if len(run.procs) > 1 and not run.node_dirs:
         return run.procs[rank].pid
-    for child in _children(run.procs[0].pid):
-        try:
-            if child.environ().get("RANK") == str(rank) and "infer.py" in " ".join(child.cmdline()):
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
+    for proc in run.procs:
+        for child in _children(proc.pid):
+            try:
+                if child.environ().get("RANK") == str(rank) and "infer.py" in " ".join(child.cmdline()):
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
     raise AssertionError(f"no worker process with RANK={rank}")
+
+
+def node_of(run: Run, pid: int) -> int:
+    """The index of the node (torchrun agent) that runs process ``pid``."""
+    return next(i for i, proc in enumerate(run.procs) if pid in {c.pid for c in _children(proc.pid)})
 
 
 def leftover_temporary_files(*dirs: Path) -> list[Path]:

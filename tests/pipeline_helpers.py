@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 INFER = ROOT / "launch" / "infer.py"
+MULTINODE = ROOT / "launch" / "run_multinode.sh"
 NAMES = ("att_x", "att_label", "mlp_x", "mlp_label")
 
 
@@ -26,6 +27,22 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Co
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(INFER)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def start_node(node_rank: int, nnodes: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
+    """One "node" of a multi-node run: launch/run_multinode.sh (a torchrun agent with one
+    rank, gloo) meeting the others at the c10d rendezvous on 127.0.0.1:``port``."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "NNODES": str(nnodes),
+        "NODE_RANK": str(node_rank),
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "NPROC_PER_NODE": "1",
+        "PY": sys.executable,
+    }
+    cmd = ["bash", str(MULTINODE), *args, "--threads", "1", "--dist-backend", "gloo"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
 def infer_args(model_dir: Path, prompts: Path, out: Path, extra: list[str] = ()) -> list[str]:
@@ -71,8 +88,11 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int, eos_token_id=M
 
 
 def read_dataset(collect_dir: Path) -> tuple[dict, dict]:
-    """A collect dir's manifest, and the rows it claims of every array as float32."""
-    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    """A collect dir's manifest (joined, or merged from its parts), and the rows it claims
+    of every array as float32."""
+    from engine.collect_manifest import read_manifest
+
+    manifest = read_manifest(collect_dir)
     widths = {
         "att_x": manifest["hidden_size"],
         "mlp_x": manifest["hidden_size"],

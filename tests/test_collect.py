@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from pipeline_helpers import INFER, NAMES, ROOT, hf_greedy, infer_args, read_dataset, run_infer, write_prompts
+
+from engine.collect_manifest import read_manifest, recorded_rows
 
 #: Float32 rows against HF float32: only summation order differs (float16 rounding is 4.9e-4).
 FLOAT32_TOL = 1e-5
@@ -145,7 +146,7 @@ def test_smollm_rows_equal_hf_activations(smollm_shard_dir, smollm_hf_model, tmp
 
 def test_mixed_stage_types_record_only_save_stages(tiny_shard_dir, tmp_path):
     _, collect_dir = collect(tiny_shard_dir, tmp_path, 2, ["--stage-model-types", "llama-save,llama"])
-    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    manifest = read_manifest(collect_dir)
     assert manifest["layers"] == [0, 1] and sorted(manifest["rows"]) == ["0", "1"]
     assert sorted(p.name for p in collect_dir.glob("*.mmap")) == sorted(
         f"{n}_{layer}.mmap" for n in NAMES for layer in (0, 1)
@@ -155,7 +156,7 @@ def test_mixed_stage_types_record_only_save_stages(tiny_shard_dir, tmp_path):
 def test_prompt_only_mode(tiny_shard_dir, tiny_model, tmp_path):
     _, tokenizer = tiny_model
     results, collect_dir = collect(tiny_shard_dir, tmp_path, 1, ["--max-new-tokens", "0"])
-    manifest = json.loads((collect_dir / "manifest.json").read_text())
+    manifest = read_manifest(collect_dir)
     assert all(r["token_ids"] == [] for r in results)
     assert manifest["rows"]["0"] == sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
 
@@ -228,10 +229,9 @@ def test_killed_run_leaves_a_readable_dataset(tiny_shard_dir, tmp_path):
         proc = subprocess.Popen(
             save_command(tiny_shard_dir, prompts, tmp_path / "k.jsonl", collect_dir, every_step), cwd=ROOT, env=env
         )
-        manifest_path = collect_dir / "manifest.json"
         deadline = time.time() + 120
         while time.time() < deadline:
-            if manifest_path.exists() and json.loads(manifest_path.read_text())["rows"].get("0", 0) > 40:
+            if collect_dir.exists() and recorded_rows(collect_dir).get(0, 0) > 40:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
@@ -268,7 +268,7 @@ def test_resume_after_a_kill_on_two_ranks(tiny_shard_dir, tiny_model, tmp_path):
     finally:
         run.kill_all()
     assert codes[0] not in (0, None), "the run finished before it could be killed"
-    killed = json.loads((run.collect_dir / "manifest.json").read_text())["rows"]
+    killed = read_manifest(run.collect_dir)["rows"]
     kept = min(killed.values())
     assert kept > 0, killed
 
@@ -285,3 +285,57 @@ def test_resume_after_a_kill_on_two_ranks(tiny_shard_dir, tiny_model, tmp_path):
     assert_rows_match(before, expected_rows(model, killed_run, tokenizer, layers), layers, some=True)
     after = {key: rows[kept:] for key, rows in data.items()}
     assert_rows_match(after, expected_rows(model, results, tokenizer, layers), layers)
+
+
+def test_collect_layers_records_only_the_chosen_layers(tiny_shard_dir, tiny_model, tmp_path):
+    """Two stages, one chosen layer on each: HF's rows for those, no files for the others
+    (which run as plain blocks: the tokens stay HF's)."""
+    model, tokenizer = tiny_model
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, 2, ["--collect-layers", "0,3"])
+    manifest, data = read_dataset(collect_dir)
+    assert manifest["layers"] == [0, 3]
+    assert sorted(p.name for p in collect_dir.glob("*.mmap")) == sorted(f"{n}_{i}.mmap" for n in NAMES for i in (0, 3))
+    assert_rows_match(data, expected_rows(model, results, tokenizer, [0, 3]), [0, 3])
+    for row in results:
+        assert row["token_ids"] == hf_greedy(model, tokenizer, row["prompt"], 5)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--collect-layers", "2,9"], "--collect-layers: layer 9 is not run (this pipeline runs layers 0-3)"),
+        (
+            ["--collect-layers", "1", "--stage-model-types", "llama,llama-save", "--pp-degree", "2"],
+            "layer 1 runs on stage 0 as 'llama', which records nothing",
+        ),
+        (["--collect-layers", "1-x"], "expected layer indices like 0,3,8-11, got '1-x'"),
+    ],
+    ids=["beyond", "plain-stage", "syntax"],
+)
+def test_collect_layers_refused_before_loading(
+    tiny_shard_dir, tmp_path, monkeypatch, capsys, no_model_loading, extra, message
+):
+    from launch.infer import main
+
+    if "--pp-degree" in extra:  # the error comes before any process group
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    args = infer_args(tiny_shard_dir, prompts, tmp_path / "out.jsonl", [*save_args(tmp_path / "c"), *extra])
+    try:
+        assert main(args) != 0
+    except SystemExit as e:  # argparse
+        assert e.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_disk_estimate_printed_and_a_collection_too_big_refused(tiny_shard_dir, tmp_path, capsys, no_model_loading):
+    """(2 hidden + heads + ffn) values per layer per row: (2 * 64 + 8 + 192) * 2 bytes in float16."""
+    from launch.infer import main
+
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
+    huge = [*save_args(tmp_path / "c"), "--collect-capacity", str(10**15)]
+    assert main(infer_args(tiny_shard_dir, prompts, tmp_path / "out.jsonl", huge)) == 1
+    err = capsys.readouterr().err
+    assert f"collect: 656 bytes per layer per row; 4 layers x {10**15} rows may write up to 2.62e+09 GB" in err, err
+    assert "the files would not fit; lower --collect-capacity" in err and not (tmp_path / "c").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pipeline_helpers import hf_greedy, infer_args, run_infer, write_prompts
 
+from engine.collect_manifest import read_manifest
 from modules.llama_sparse import kept_units
 
 PROMPTS = [
@@ -129,7 +130,7 @@ def numpy_predictor_logits(path, x: torch.Tensor) -> torch.Tensor:
 
 def teal_reference_thresholds(collected, model, layer, sparsity):
     """TEAL's thresholds recomputed with numpy from the raw files: quantiles over every row."""
-    manifest = json.loads((collected / "manifest.json").read_text())
+    manifest = read_manifest(collected)
     rows, width, ffn = manifest["rows"][str(layer)], manifest["hidden_size"], manifest["intermediate_size"]
     assert rows <= 2048  # all rows are the calibration sample
     x = np.fromfile(collected / f"mlp_x_{layer}.mmap", dtype=np.float32)[: rows * width].reshape(rows, width)
@@ -305,9 +306,10 @@ def test_bad_sparse_input_is_refused_before_generation(tiny_shard_dir, predictor
     other_model.mkdir()
     for f in collected.iterdir():
         (other_model / f.name).write_bytes(f.read_bytes())
-    manifest = json.loads((other_model / "manifest.json").read_text())
+    (part,) = other_model.glob("manifest-part-*.json")  # one stage collected
+    manifest = json.loads(part.read_text())
     manifest["model"]["config_sha256"] = "0" * 64
-    (other_model / "manifest.json").write_text(json.dumps(manifest))
+    part.write_text(json.dumps(manifest))
     refused(sparse_args("teal", 0.5, collected=other_model), str(other_model), "same model")
 
     refused(sparse_args("predictor", 1.0, predictors), "--mlp-sparsity", by_argparse=True)
