@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="training prompts (default: gensim Lee corpus, train split)")
     p.add_argument("--val-data", type=Path, help="held-out prompts (default: the Lee validation split)")
     p.add_argument("--milestones", default="0,25,50,100,150,200", help="steps at which to measure the perplexity ratio")
-    p.add_argument("--lr", default="1e-3", help="1e-3 fits the CPU budget; the CLI default is the seed's 1e-4")
+    p.add_argument("--lr", default="1e-3", help="1e-3 fits the CPU budget (the seed's is 1e-4)")
     p.add_argument("--mode", default="end-to-end", choices=tuple(LOSSES))
     p.add_argument("--seq-len", default="128")
     p.add_argument("--batch-size", default="4")

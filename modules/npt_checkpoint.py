@@ -80,7 +80,7 @@ class NPTCheckpoint:
             )
         for i, state in self.np_state.items():
             try:
-                check_shapes(f"{self.source} (layer {i})", state, np_shapes(model, self.config.np_rank))
+                check_shapes(f"{self.source} (layer {i})", state, np_shapes(model, self.config))
             except ShardError as e:
                 raise CheckpointError(str(e)) from None
 

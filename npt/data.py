@@ -29,11 +29,11 @@ def load_windows(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
     return pack_texts([r.prompt for r in read_prompts(path)], tokenizer, seq_len)
 
 
-def batch_at(windows: torch.Tensor, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
-    """The batch of a given step: a fresh seeded shuffle each epoch, a pure function of the
+def batch_indices(num_windows: int, step: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """The windows of a given step: a fresh seeded shuffle each epoch, a pure function of the
     step, so a resumed run sees exactly the batches an uninterrupted one would."""
-    batch_size = min(batch_size, len(windows))
-    per_epoch = len(windows) // batch_size
+    batch_size = min(batch_size, num_windows)
+    per_epoch = num_windows // batch_size
     epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed + epoch))
-    return windows[order[k * batch_size : (k + 1) * batch_size]]
+    order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[k * batch_size : (k + 1) * batch_size]

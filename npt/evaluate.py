@@ -22,17 +22,27 @@ from engine.tokenizer import load_tokenizer
 from modules.npt_checkpoint import NPTCheckpoint
 from npt.data import load_windows
 from npt.losses import delta_norm
-from npt.model import ShardModel
+from npt.model import Residuals, ShardModel
 
 EVAL_NAME = "eval.json"
 
 
+def batches(windows: torch.Tensor, batch_size: int, cached: Residuals | None):
+    """The windows in batches, each with its slice of ``cached`` (the original residual
+    stream of all the windows) or None."""
+    for start in range(0, len(windows), batch_size):
+        part = slice(start, start + batch_size)
+        yield windows[part], None if cached is None else {i: s[part] for i, s in cached.items()}
+
+
 @torch.no_grad()
-def perplexity(model: ShardModel, windows: torch.Tensor, batch_size: int, plastic: bool) -> float:
+def perplexity(
+    model: ShardModel, windows: torch.Tensor, batch_size: int, plastic: bool, cached: Residuals | None = None
+) -> float:
     """exp(mean next-token NLL) over every position of every window."""
     nll, count = 0.0, 0
-    for ids in windows.split(batch_size):
-        hidden, _ = model.hidden_states(ids, plastic)
+    for ids, part in batches(windows, batch_size, cached):
+        hidden, _ = model.hidden_states(ids, plastic, part)
         logits = model.head(hidden[:, :-1]).float()
         nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         count += ids[:, 1:].numel()
@@ -40,14 +50,16 @@ def perplexity(model: ShardModel, windows: torch.Tensor, batch_size: int, plasti
 
 
 @torch.no_grad()
-def layer_fidelity(model: ShardModel, windows: torch.Tensor, batch_size: int) -> dict[str, dict[str, float]]:
+def layer_fidelity(
+    model: ShardModel, windows: torch.Tensor, batch_size: int, cached: Residuals | None = None
+) -> dict[str, dict[str, float]]:
     """Per NPT layer, on the original input to it: the MSE to the original output, that MSE
     relative to the original layer's own change (1.0 = as bad as skipping the layer's
     update), and the mean and max per-token ||dW||_F."""
     sums: dict[int, dict[str, float]] = {}
-    for ids in windows.split(batch_size):
+    for ids, part in batches(windows, batch_size, cached):
         ctx = model.context(ids)
-        for i, (x, target) in model.original_layer_io(ids).items():
+        for i, (x, target) in model.original_layer_io(ids, part).items():
             out, v_a, v_b = model.blocks[i].forward_with_np(x, ctx)
             norms = delta_norm(v_a, v_b)
             s = sums.setdefault(i, {"se": 0.0, "change": 0.0, "elements": 0, "dw": 0.0, "dw_max": 0.0, "tokens": 0})
@@ -68,16 +80,16 @@ def layer_fidelity(model: ShardModel, windows: torch.Tensor, batch_size: int) ->
     }
 
 
-def evaluate(model: ShardModel, windows: torch.Tensor, batch_size: int) -> dict:
-    ppl_base = perplexity(model, windows, batch_size, plastic=False)
-    ppl_npt = perplexity(model, windows, batch_size, plastic=True)
+def evaluate(model: ShardModel, windows: torch.Tensor, batch_size: int, cached: Residuals | None = None) -> dict:
+    ppl_base = perplexity(model, windows, batch_size, plastic=False, cached=cached)
+    ppl_npt = perplexity(model, windows, batch_size, plastic=True, cached=cached)
     return {
         "ppl_base": ppl_base,
         "ppl_npt": ppl_npt,
         "ppl_ratio": ppl_npt / ppl_base,
         "tokens": windows.numel(),
         "np_parameters": sum(p.numel() for b in model.npt_blocks.values() for p in b.np.parameters()),
-        "layers": layer_fidelity(model, windows, batch_size),
+        "layers": layer_fidelity(model, windows, batch_size, cached),
     }
 
 

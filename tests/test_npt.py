@@ -65,26 +65,33 @@ def hf_layer_tensors(hf_model, ids: torch.Tensor, layer: int) -> dict[str, torch
     return seen
 
 
-def test_delta_on_the_fly_equals_materialized_update(tiny_shard_dir, hf_model):
+# W_in as seed 003 names it: the gate projection alone, or gate and up stacked (2 ffn rows).
+@pytest.mark.parametrize("target", ["gate", "gate_up"])
+def test_delta_on_the_fly_equals_materialized_update(tiny_shard_dir, hf_model, target):
     config = ModelConfig.from_model_dir(tiny_shard_dir)
-    block = LlamaNPTBlock.from_shard(tiny_shard_dir, config, LAYER, npt=NPTConfig(np_rank=8, layers=(LAYER,)))
+    npt = NPTConfig(np_rank=8, layers=(LAYER,), np_target=target)
+    block = LlamaNPTBlock.from_shard(tiny_shard_dir, config, LAYER, npt=npt)
     randomize_np(block, seed=3)
     ids = torch.randint(3, config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(0))
     seen = hf_layer_tensors(hf_model, ids, LAYER)
     h, a = seen["input"], seen["attn"]
 
-    # Reference: HF's own modules, and W_gate + v_b v_a^T built as a (B, T, ffn, hidden) tensor.
+    # Reference: HF's own modules, and W_in + v_b v_a^T built as a (B, T, rows, hidden) tensor.
     hf_layer = hf_model.model.layers[LAYER]
     w_down, w_a, w_b = (getattr(block.np, n).weight.detach() for n in ("W_down", "W_a_up", "W_b_up"))
     v_a, v_b = a @ w_down.T @ w_a.T, a @ w_down.T @ w_b.T
-    w_gate = hf_layer.mlp.gate_proj.weight + v_b[..., :, None] * v_a[..., None, :]
+    mlp = hf_layer.mlp
+    w_in = mlp.gate_proj.weight if target == "gate" else torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    w_in = w_in + v_b[..., :, None] * v_a[..., None, :]
     with torch.no_grad():
         xn = hf_layer.post_attention_layernorm(h)
-        gate = torch.einsum("btfh,bth->btf", w_gate, xn)
-        reference = h + hf_layer.mlp.down_proj(F.silu(gate) * hf_layer.mlp.up_proj(xn))
-        without_update = h + hf_layer.mlp(xn)
+        rows = torch.einsum("btfh,bth->btf", w_in, xn)
+        gate, up = (rows, mlp.up_proj(xn)) if target == "gate" else rows.chunk(2, dim=-1)
+        reference = h + mlp.down_proj(F.silu(gate) * up)
+        without_update = h + mlp(xn)
         out, got_a, got_b = block.forward_with_np(h, causal_context(config, *ids.shape))
 
+    assert w_b.shape == (npt.update_size(config.intermediate_size), 8)
     assert (reference - without_update).abs().max() > 1e-2, "the test update is too small to tell anything"
     torch.testing.assert_close(got_a, v_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_b, v_b, atol=1e-5, rtol=1e-5)
@@ -136,13 +143,15 @@ def test_np_parameter_count_of_published_configs(hidden, ffn, expected):
         ("14:", 16, (14, 15)),
         ("7,1,5", 16, (1, 5, 7)),
         ("3", 16, (3,)),
+        ("last2", 30, (28, 29)),
+        ("last1", 4, (3,)),
     ],
 )
 def test_parse_convert_layers(spec, num_layers, expected):
     assert parse_convert_layers(spec, num_layers) == expected
 
 
-@pytest.mark.parametrize("spec", ["5:2", "0:17", "-1:3", "1,16", "middle", "1,,2", "lower_half"])
+@pytest.mark.parametrize("spec", ["5:2", "0:17", "-1:3", "1,16", "middle", "1,,2", "lower_half", "last0", "last17"])
 def test_parse_convert_layers_rejects(spec):
     with pytest.raises(ValueError, match="--convert-layers"):
         parse_convert_layers(spec, 16 if spec != "lower_half" else 1)
