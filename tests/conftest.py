@@ -35,6 +35,15 @@ TINY_LLAMA32 = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _same_torch_threads():
+    """A run called in-process sets torch's thread count for its rank (e.g. 1 when a test
+    poses as one of two ranks); restore it, so no test's numbers depend on the ones before."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def missing_package(package: str) -> None:
     """A package the setup installs is missing: skip, but under CI=true fail, so that a broken
     install shows as one clear failure per test instead of a green run of silent skips."""
