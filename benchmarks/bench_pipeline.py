@@ -131,6 +131,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(args.work_dir or tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir) if args.model_dir else smollm_model_dir(work)
     many = write_prompt_file(work / "prompts.jsonl", prompts)
     one = write_prompt_file(work / "prompt1.jsonl", prompts[:1])
