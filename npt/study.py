@@ -80,21 +80,22 @@ def layer_set(name: str, num_layers: int) -> tuple[int, ...]:
 
 def grid(ranks: tuple[int, ...], sets: tuple[str, ...], extra_rank: int) -> list[Run]:
     """Cheapest first, so an interrupted study has the most points. At every rank: end to
-    end on the small sets, layer-wise on the largest small set (which gives the nested
-    ones too). At ``extra_rank``: both modes on the largest set, the gate_up reading end to
-    end on the small sets and layer-wise on the largest small one. Then end to end on the
-    largest set at the other ranks (each such run costs as much as all the small runs of
-    its rank together), and the highest rank on the small sets, both modes, at a third of
-    the learning rate (it trains worse than the lower ranks at the common one)."""
+    end on every set, and layer-wise on the largest set (its layers train independently,
+    so that one run gives the nested sets too). At ``extra_rank``, the gate_up reading the
+    same way. The highest rank again at a third of the learning rate (it trains worse
+    than the lower ranks at the common one). The end-to-end runs on the largest set come
+    last: each costs as much as all the small runs of its rank together."""
     small, largest = sets[:-1], sets[-1]
     runs = [Run("end-to-end", "gate", r, s) for s in small for r in ranks]
-    runs += [Run("layerwise", "gate", r, small[-1]) for r in ranks]
-    runs += [Run("layerwise", "gate", extra_rank, largest), Run("end-to-end", "gate", extra_rank, largest)]
     runs += [Run("end-to-end", "gate_up", extra_rank, s) for s in small]
-    runs += [Run("layerwise", "gate_up", extra_rank, small[-1])]
-    runs += [Run("end-to-end", "gate", r, largest) for r in ranks if r != extra_rank]
     runs += [Run("end-to-end", "gate", max(ranks), s, LOW_LR) for s in small]
-    return runs + [Run("layerwise", "gate", max(ranks), small[-1], LOW_LR)]
+    runs += [Run("layerwise", "gate", r, largest) for r in ranks]
+    runs += [Run("layerwise", "gate_up", extra_rank, largest), Run("layerwise", "gate", max(ranks), largest, LOW_LR)]
+    runs += [Run("end-to-end", "gate", r, largest) for r in ranks]
+    return runs + [
+        Run("end-to-end", "gate_up", extra_rank, largest),
+        Run("end-to-end", "gate", max(ranks), largest, LOW_LR),
+    ]
 
 
 @dataclass
@@ -122,9 +123,7 @@ def parse_study_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-data", type=Path, help="held-out text (default: the Lee validation split)")
     p.add_argument("--steps", type=int, default=60, help="the step budget of every run")
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))
-    p.add_argument(
-        "--extra-rank", type=int, default=64, help="the rank of the end-to-end upper-half run and of the gate_up runs"
-    )
+    p.add_argument("--extra-rank", type=int, default=64, help="the rank of the gate_up runs")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=128)

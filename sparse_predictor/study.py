@@ -48,8 +48,9 @@ class Grid:
     ``base_stride``-th layer and the last (the base layers); on every ``sweep_stride``-th
     layer and the last (the sweep layers), the base predictor with lookahead, every other
     rank at the base sparsity, every other sparsity at the base rank, and the attention
-    predictor per kept fraction of heads. The strides keep the grid within a 2-core budget;
-    the sweep layers are base layers when ``sweep_stride`` is a multiple of ``base_stride``."""
+    predictor per kept fraction of heads. The full grid covers every layer with both; the
+    quick one thins the sweeps (the sweep layers are base layers when ``sweep_stride`` is a
+    multiple of ``base_stride``)."""
 
     ranks: tuple[int, ...]
     sparsities: tuple[float, ...]
@@ -68,7 +69,7 @@ class Grid:
         return sorted({*layers[:: self.sweep_stride], layers[-1]})
 
 
-FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, 1, 5)
+FULL = Grid((64, 128, 256, 1000), (0.3, 0.5, 0.7, 0.9), (0.25, 0.5, 0.75), 128, 0.5, 3, 20000, 1, 1)
 QUICK = Grid((8, 16), (0.5, 0.9), (0.5,), 16, 0.5, epochs=1, drift_rows=1000, base_stride=1, sweep_stride=2)
 
 

@@ -156,7 +156,9 @@ def train_one(args: argparse.Namespace, collection: Collection, config: ModelCon
 
 
 def run_config(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    """The settings as stored in metrics.json; paths absolute, so that a rerun from another
+    directory, or with relative paths, is recognised as the same run."""
+    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 #: Settings that may differ between a run and the run it resumes: they do not change a layer's result.

@@ -276,13 +276,14 @@ def test_reported_metrics_are_the_saved_predictor_on_held_out_test_rows(tmp_path
     assert entry["val_at_best_epoch"]["true_sparsity"] != entry["true_sparsity"]
 
 
-def test_resume_keeps_finished_layers_and_refuses_other_settings(tmp_path, data_dir, model_dir):
+def test_resume_keeps_finished_layers_and_refuses_other_settings(tmp_path, data_dir, model_dir, monkeypatch):
     out = tmp_path / "out"
     args = ["--data-dir", str(data_dir), "--model-name", str(model_dir), "--out", str(out), *FAST]
     args[args.index("--drift-rows") + 1] = "0"
     main([*args, "--layers", "0"])
     first = (out / "mlp_layer_0.pt").stat().st_mtime_ns
-    main([*args, "--layers", "0,1", "--resume"])
+    monkeypatch.chdir(tmp_path)  # the same run, named by a relative path
+    main([*args[:5], "out", *args[6:], "--layers", "0,1", "--resume"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["layers"]) == {"0", "1"} and (out / "mlp_layer_0.pt").stat().st_mtime_ns == first
     assert "drift" not in metrics and "Not measured" in (out / "report.md").read_text()
