@@ -3,16 +3,17 @@
     python -m benchmarks.bench_pipeline [--prompts 16] [--new-tokens 48]
 
 Converts the bundled SmolLM2 (fp32) once, then measures, batched (all prompts) and
-single-stream (batch 1): HF generate (dynamic cache), HF generate with a static cache and
-its forward compiled (the stronger peer; timed on a second, warm call), and the engine at
-pp=1 (2 threads) and pp=2 (1 thread per rank), eager and with ``--compile``. Prints a
-table for BENCHMARKS.md: tokens/s, ratios to both HF peers, the bubble per rank and the
+single-stream (batch 1): HF generate (dynamic cache) and its stronger configurations (see
+``hf_peers``), and the engine at pp=1 (2 threads; with row-major and packed weights) and
+pp=2 (1 thread per rank), eager and with ``--compile``. Prints a table for BENCHMARKS.md:
+tokens/s, ratios to HF generate and to the strongest HF peer, the bubble per rank and the
 compile time (a compiled engine run's tokens/s is given with and without it: the engine
 compiles inside its timed loop, at the first decode step of each micro-batch shape)."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import GGUF, gguf_path, run_engine, smollm_model_dir, write_prompt_file
+from modules.packed_linear import pack_linears
+
+#: Inductor's freezing: weights become constants of the graph, packed for the CPU's GEMM.
+FREEZE = {"freezing": True}
 
 PROMPTS = [
     "The capital of France is",
@@ -42,31 +47,6 @@ PROMPTS = [
 ]
 
 
-def hf_run(model, tokenizer, prompts: list[str], new_tokens: int, static: bool = False) -> float:
-    """Tokens/s of HF generate on one left-padded batch; ``static``: a static cache and a
-    compiled forward (transformers compiles it itself once told to on CPU too)."""
-    from transformers import CompileConfig
-
-    extra = {}
-    if static:
-        compile_config = CompileConfig(dynamic=False, mode="default")
-        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
-        extra = {"cache_implementation": "static", "compile_config": compile_config}
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            **extra,
-        )
-    seconds = time.perf_counter() - start
-    return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / seconds
-
-
 @dataclass
 class Row:
     name: str
@@ -86,26 +66,67 @@ class Row:
         return self.stats["generated_tokens"] / (self.stats["total_seconds"] - self.compile_seconds)
 
 
+def hf_run(model, tokenizer, prompts: list[str], new_tokens: int, compiled: dict | None = None) -> float:
+    """Tokens/s of HF generate on one left-padded batch; ``compiled``: with a static cache
+    and its forward compiled with these ``torch.compile`` options (transformers compiles
+    on CPU too once told to)."""
+    from transformers import CompileConfig
+
+    extra = {}
+    if compiled is not None:
+        compile_config = CompileConfig(dynamic=False, mode=None, options=compiled)
+        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
+    seconds = time.perf_counter() - start
+    return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / seconds
+
+
+def hf_peers(model, tokenizer, texts: list[str], new_tokens: int, label: str, batched: bool) -> list[Row]:
+    """HF generate as it comes; with the engine's packed weights put into its linear layers;
+    and with a static cache compiled by inductor, without and with freezing (which packs the
+    weights inside the graph). Compiled peers are timed on a second, warm call."""
+    rows = [Row(f"HF generate, {label}", hf_run(model, tokenizer, texts, new_tokens), batched)]
+    packed = copy.deepcopy(model)
+    pack_linears(packed)
+    rows.append(Row(f"HF generate, packed weights, {label}", hf_run(packed, tokenizer, texts, new_tokens), batched))
+    del packed
+    for name, options in (("static cache + torch.compile", {}), ("static cache + torch.compile, freezing", FREEZE)):
+        hf_run(model, tokenizer, texts, new_tokens, compiled=options)  # compiles for this shape
+        rows.append(Row(f"HF generate, {name}, {label}", hf_run(model, tokenizer, texts, new_tokens, options), batched))
+    return rows
+
+
 def engine_row(model_dir: Path, prompts: Path, nproc: int, threads: int, flags: list[str], batched: bool) -> Row:
     stats = run_engine(model_dir, prompts, nproc, threads, flags)
-    extras = [f for f in flags if f in ("--balance-head", "--compile")]
+    extras = [f for f in flags if f in ("--balance-head", "--compile", "--no-packed-weights")]
     name = f"engine pp={nproc}, {threads} thread(s)/rank{''.join(', ' + f for f in extras)}"
     return Row(name + ("" if batched else ", batch 1"), stats["tokens_per_second"], batched, stats)
 
 
 def print_table(rows: list[Row], prompts: int, new_tokens: int) -> None:
     print(f"\nSmolLM2-135M fp32, {prompts} prompts x {new_tokens} new tokens, torch {torch.__version__}")
-    print("| run | tok/s | vs HF | vs HF static+compile | ms/token | compile s | tok/s without compile |")
+    print("| run | tok/s | vs HF | vs strongest HF | ms/token | compile s | tok/s without compile |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        peers = [r for r in rows if r.batched == row.batched and r.stats is None]
-        hf, hf_static = (p.tokens_per_second for p in peers)
+        peers = [r.tokens_per_second for r in rows if r.batched == row.batched and r.stats is None]
+        hf, strongest = peers[0], max(peers)
         per_token = 1000 / row.tokens_per_second * (prompts if row.batched else 1)
         compiled = row.compile_seconds
         compile_cells = f"{compiled:.1f} | {row.steady_tokens_per_second:.1f}" if compiled else "- | -"
         print(
             f"| {row.name} | {row.tokens_per_second:.1f} | {row.tokens_per_second / hf:.2f}x |"
-            f" {row.tokens_per_second / hf_static:.2f}x | {per_token:.1f} | {compile_cells} |"
+            f" {row.tokens_per_second / strongest:.2f}x | {per_token:.1f} | {compile_cells} |"
         )
     print("\n| run | rank | layers | idle (bubble) | peak RSS MiB | parameters MiB | prefill padding |")
     print("|---|---:|---|---:|---:|---:|---:|")
@@ -144,12 +165,9 @@ def main() -> None:
 
     rows = []
     for batched, texts, file in ((True, prompts, many), (False, prompts[:1], one)):
-        label = f"batch {len(texts)}" + ("" if batched else " (single stream)")
-        rows.append(Row(f"HF generate, {label}, 2 threads", hf_run(model, tokenizer, texts, args.new_tokens), batched))
-        hf_run(model, tokenizer, texts, args.new_tokens, static=True)  # compiles for this shape
-        static = hf_run(model, tokenizer, texts, args.new_tokens, static=True)
-        rows.append(Row(f"HF generate, static cache + torch.compile, {label}", static, batched))
-        runs = [(1, 2, []), (1, 2, ["--compile"])]
+        label = f"batch {len(texts)}" + ("" if batched else " (single stream)") + ", 2 threads"
+        rows += hf_peers(model, tokenizer, texts, args.new_tokens, label, batched)
+        runs = [(1, 2, ["--no-packed-weights"]), (1, 2, []), (1, 2, ["--compile"])]
         if batched:
             runs += [(2, 1, []), (2, 1, ["--balance-head"]), (2, 1, ["--balance-head", "--compile"])]
         for nproc, threads, flags in runs:

@@ -300,6 +300,8 @@ class BackgroundWriter:
         self.dtype = dtype
         self.queue: queue.Queue = queue.Queue(max_pending)
         self.error: BaseException | None = None
+        self._inline_buffers: dict[int, torch.Tensor] = {}  # the stage thread's, by row width
+        self._thread_buffers: dict[int, torch.Tensor] = {}  # the writer thread's
         self.thread = threading.Thread(target=self._run, name="collect-writer", daemon=True)
         self.thread.start()
 
@@ -308,18 +310,30 @@ class BackgroundWriter:
         are cheaper done at once than handed over, which costs GIL switches."""
         self._raise_error()
         if rows.numel() < INLINE_WRITE_VALUES:
-            self._write(file, start, rows)
+            self._write(file, start, rows, self._inline_buffers)
         else:
             self.queue.put((file, start, rows))
 
-    def _write(self, file: ArrayFile, start: int, rows: torch.Tensor) -> None:
-        file.write(start, rows.to(self.dtype).cpu().numpy())
+    def _write(self, file: ArrayFile, start: int, rows: torch.Tensor, buffers: dict[int, torch.Tensor]) -> None:
+        """Convert on the device, or on the CPU into a buffer kept per row width: a fresh
+        tensor per write has its large memory mapped in from the OS each time, page fault
+        by page fault, which took longer than the conversion itself."""
+        if rows.device.type != "cpu":
+            file.write(start, rows.to(self.dtype).cpu().numpy())
+            return
+        count, width = rows.shape
+        buffer = buffers.get(width)
+        if buffer is None or len(buffer) < count:
+            buffer = buffers[width] = torch.empty(count, width, dtype=self.dtype)
+        converted = buffer[:count]
+        converted.copy_(rows)
+        file.write(start, converted.numpy())
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
             try:
                 if self.error is None:
-                    self._write(*item)
+                    self._write(*item, self._thread_buffers)
             except BaseException as e:  # reported to the stage at its next submit or flush
                 self.error = e
             finally:

@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compile the decode step with torch.compile (CUDA graphs on a GPU); plain and NPT stages only",
     )
     p.add_argument(
+        "--no-packed-weights",
+        action="store_true",
+        help="eager CPU float32 runs: keep the linear weights row-major instead of packed for the GEMM",
+    )
+    p.add_argument(
         "--no-length-buckets",
         action="store_true",
         help="micro-batch prompts in input order instead of by length (more padding in prefill)",
@@ -183,6 +188,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         progress=not args.no_progress,
         compile=args.compile,
         length_buckets=not args.no_length_buckets,
+        packed_weights=not args.no_packed_weights,
         collect=CollectSettings(
             _path(args.collect_dir),
             args.collect_dtype,

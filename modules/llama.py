@@ -224,6 +224,9 @@ class LlamaBlock(nn.Module):
 
     #: Whether a decode step through it can be compiled into one graph (no host-side work).
     compilable = True
+    #: Whether its linear layers are only called, never read as ``.weight`` (so they can be
+    #: packed for the CPU's GEMM, see ``modules.packed_linear``).
+    packable = True
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()

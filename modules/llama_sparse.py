@@ -217,6 +217,7 @@ class LlamaSparseBlock(LlamaBlock):
     """The plain block with its MLP computed by a ``SparseMLP``."""
 
     compilable = False  # selections index by data-dependent sizes
+    packable = False  # the sparse MLPs slice the dense weights
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__(config, layer_index)

@@ -136,8 +136,9 @@ def load_stage(settings: RunSettings, plan: StagePlan, run_inputs: RunInputs, co
         verify_stage_files(plan, settings.model_dir)
     options = stage_options(settings, plan, run_inputs, config)
     stage = build_stage(plan, settings.model_dir, config, settings.dtype, device, options)
-    if settings.compile:
-        stage.compile_decode()
+    compiled = settings.compile and stage.compile_decode()
+    if settings.packed_weights and not compiled:  # a compiled step has inductor pack them
+        stage.pack_weights()
     collector = options.collector if isinstance(options, SaveOptions) else None
     return stage, collector, driver_inputs
 
@@ -253,4 +254,5 @@ def rank_stats(comm, loop_seconds: float, device: torch.device, stage: Stage) ->
         "wait_seconds": round(wait, 4),
         "idle_fraction": round(wait / loop_seconds, 4) if loop_seconds else 0.0,
         "compile_seconds": round(stage.compile_seconds, 4),
+        "packed_linears": stage.packed_linears,
     }

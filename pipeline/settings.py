@@ -56,6 +56,7 @@ class RunSettings:
     progress: bool = True
     compile: bool = False  # compile the decode step (Stage.compile_decode)
     length_buckets: bool = True  # micro-batch prompts of similar length together
+    packed_weights: bool = True  # pack eager CPU float32 linear weights (Stage.pack_weights)
     collect: CollectSettings = field(default_factory=CollectSettings)
     npt_checkpoint: Path | None = None
     sparse: SparseRequest = field(default_factory=SparseRequest)

@@ -31,6 +31,7 @@ from modules.llama import (
     attention_mask,
     rope_inv_freq,
 )
+from modules.packed_linear import pack_linears, packing_available
 from modules.registry import BlockSpec, build_block
 from pipeline.plan import StagePlan
 
@@ -100,6 +101,7 @@ class Stage(nn.Module):
         self._decode = self._decode_step
         self.compiled_shapes: set[tuple[int, int]] | None = None  # None: eager
         self.compile_seconds = 0.0  # spent in the first (compiling) decode step of each shape
+        self.packed_linears = 0  # linear layers whose weights pack_weights packed
 
     @property
     def input_is_tokens(self) -> bool:
@@ -153,6 +155,14 @@ class Stage(nn.Module):
             return h
         return self.head(h[:, -1]).argmax(dim=-1)
 
+    def pack_weights(self) -> int:
+        """Pack the linear weights of the head and of the blocks that allow it for the CPU's
+        GEMM (float32 only, see ``modules.packed_linear``); return how many were packed."""
+        if packing_available(self.device, self.dtype):
+            modules = [b for b in self.blocks if b.packable] + ([self.head] if self.head is not None else [])
+            self.packed_linears += sum(pack_linears(m) for m in modules)
+        return self.packed_linears
+
     def compile_decode(self) -> bool:
         """Compile the decode step: one graph per micro-batch shape (``dynamic=False``; the
         cache length is padded, so prompts of similar length share one); on CUDA captured
@@ -164,7 +174,9 @@ class Stage(nn.Module):
             return False
         cuda = self.device.type == "cuda"
         self.pool.static_addresses = cuda
-        compiled = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
+        # On the CPU, freezing lets inductor treat the weights as constants and pack them for the GEMM.
+        how = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
+        compiled = torch.compile(self._decode_step, dynamic=False, **how)
         # A CUDA graph's output is overwritten by its next replay, while a send may still read it.
         self._decode = (lambda *args: compiled(*args).clone()) if cuda else compiled
         self.compiled_shapes = set()

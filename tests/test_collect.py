@@ -339,3 +339,25 @@ def test_disk_estimate_printed_and_a_collection_too_big_refused(tiny_shard_dir, 
     err = capsys.readouterr().err
     assert f"collect: 656 bytes per layer per row; 4 layers x {10**15} rows may write up to 2.62e+09 GB" in err, err
     assert "the files would not fit; lower --collect-capacity" in err and not (tmp_path / "c").exists()
+
+
+def test_background_writer_reuses_buffers_without_mixing_rows(tmp_path):
+    """Writes of growing and shrinking row counts, on the thread (large) and inline (small),
+    through the reused conversion buffers: the file holds each block converted by numpy."""
+    from engine.collector import INLINE_WRITE_VALUES, ArrayFile, BackgroundWriter
+
+    width, counts = 1024, [100, 30, 200, 1, 64, 3]
+    assert max(counts) * width >= INLINE_WRITE_VALUES > min(counts) * width  # both paths
+    file = ArrayFile(tmp_path / "a.mmap", width, np.dtype("float16"), sum(counts))
+    writer = BackgroundWriter(torch.float16, max_pending=2)
+    blocks = [torch.randn(n, width) for n in counts]
+    start = 0
+    for block in blocks:
+        writer.submit(file, start, block)
+        start += len(block)
+    writer.drain()
+    writer.stop()
+    file.close()
+
+    written = np.fromfile(tmp_path / "a.mmap", dtype=np.float16).reshape(-1, width)
+    np.testing.assert_array_equal(written, np.concatenate([b.numpy().astype(np.float16) for b in blocks]))

@@ -45,15 +45,14 @@ def study_dir(tiny_shard_dir, tmp_path_factory):
 def test_quick_study_writes_every_point_and_a_rerun_trains_nothing(study_dir, monkeypatch):
     root, argv = study_dir
     result = json.loads((root / "out" / "study.json").read_text())
-    # ranks 4, 8: end to end and layer-wise on last1 (2 + 2); at rank 4 on upper_half
-    # layer-wise, evaluated on last1 and upper_half (2), and end to end (1); gate_up at rank
-    # 4 end to end and layer-wise on last1 (2); end to end on upper_half at rank 8 (1); rank
-    # 8 end to end and layer-wise on last1 at the low learning rate (2).
-    assert len(result["points"]) == 4 + 3 + 2 + 1 + 2
+    # Four configurations at ranks 4 and 8 (gate), the gate_up reading at rank 4 and rank 8
+    # at the low learning rate: each end to end on last1 and on upper_half (1 + 1 point),
+    # and layer-wise on upper_half, evaluated on last1 and upper_half (2 points).
+    assert len(result["points"]) == 4 * (1 + 1 + 2)
     assert {p["lr"] for p in result["points"]} == {1e-3, LOW_LR}
     assert {p["mode"] for p in result["points"]} == {"layerwise", "end-to-end"}
     assert all(p["ppl_ratio"] > 0 and p["np_parameters"] > 0 for p in result["points"])
-    layerwise = ("gate-r4-last1", "gate-r8-last1", "gate-r4-upper_half", "gate_up-r4-last1", "gate-r8-last1-lr0.0003")
+    layerwise = ("gate-r4-upper_half", "gate-r8-upper_half", "gate_up-r4-upper_half", "gate-r8-upper_half-lr0.0003")
     assert set(result["limits"]) == {f"layerwise-{name}" for name in layerwise}
     for name in ("study.json", "frontier.png", "limits.png"):
         assert (root / "copy" / name).stat().st_size > 0
