@@ -40,11 +40,17 @@ class PackedLinear(nn.Module):
 
 def pack_linears(module: nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``module`` by a ``PackedLinear``; return how many.
-    Only for modules that call their linear layers and never read ``.weight`` themselves."""
+    Only for modules that call their linear layers and never read ``.weight`` themselves.
+    The module's other tensors (e.g. norm weights) are then copied: loaded from a shard
+    file's memory map, they would keep the whole map, with the pages of the row-major
+    weights just read, resident beside the packed copies."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.layout == torch.strided:
+            tensor.data = tensor.data.clone()
     return count

@@ -174,9 +174,8 @@ class Stage(nn.Module):
             return False
         cuda = self.device.type == "cuda"
         self.pool.static_addresses = cuda
-        # On the CPU, freezing lets inductor treat the weights as constants and pack them for the GEMM.
-        how = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
-        compiled = torch.compile(self._decode_step, dynamic=False, **how)
+        # On the CPU inductor's freezing (weights as packed constants) was measured slower (BENCHMARKS.md).
+        compiled = torch.compile(self._decode_step, dynamic=False, mode="reduce-overhead" if cuda else None)
         # A CUDA graph's output is overwritten by its next replay, while a send may still read it.
         self._decode = (lambda *args: compiled(*args).clone()) if cuda else compiled
         self.compiled_shapes = set()
