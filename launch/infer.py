@@ -59,8 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-layers", type=_count(1), default=None, help="run only the first L layers")
     p.add_argument(
         "--balance-head",
-        action="store_true",
-        help="give the last stage fewer layers, weighing the LM head by its decode cost",
+        nargs="?",
+        const="measured",
+        choices=("measured", "params"),
+        help="give the last stage fewer layers, weighing the LM head by its decode time against a layer's,"
+        " measured on rank 0 at start (the default), or by its parameters (params)",
     )
     p.add_argument(
         "--dist-backend",

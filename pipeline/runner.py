@@ -33,6 +33,7 @@ from pipeline.generation import (
     make_sequences,
     padding_fraction,
 )
+from pipeline.head_cost import measured_head_cost
 from pipeline.plan import PlanError, StagePlan, lm_head_cost, make_plans
 from pipeline.schedule import FirstStageDriver, run_follower
 from pipeline.settings import RankPlace, RunSettings
@@ -87,21 +88,23 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // place.local_world_size))
     config = ModelConfig.from_model_dir(settings.model_dir)
     head_cost = lm_head_cost(config) if settings.balance_head else 0.0
-    plans = make_plans(
-        config.num_layers,
-        place.world_size,
-        list(settings.stage_types),
-        settings.num_layers,
-        settings.max_layers,
-        head_cost,
-    )
-    plan = plans[place.rank]
-    run_inputs = prepare_run(settings, plans, config, place)
+    measure = settings.balance_head == "measured" and place.world_size > 1
+    plans = stage_plans(settings, config, place, head_cost)
+    run_inputs = None if measure else prepare_run(settings, plans, config, place)  # measured: once split
     backend = settings.dist_backend or default_backend()
     device = device_for(backend)
 
     comm = open_communicator(backend, settings.dist_timeout, device, place.world_size)
-    stage, collector, inputs = start_together(comm, lambda: load_stage(settings, plan, run_inputs, config, device))
+    if measure:
+        head_cost = agreed_head_cost(comm, settings, config, device)
+        plans = stage_plans(settings, config, place, head_cost)
+    plan = plans[place.rank]
+
+    def prepare_and_load():
+        inputs = run_inputs if run_inputs is not None else prepare_run(settings, plans, config, place)
+        return inputs, *load_stage(settings, plan, inputs, config, device)
+
+    run_inputs, stage, collector, inputs = start_together(comm, prepare_and_load)
     resuming = settings.collect.resume and run_inputs.save_layers
     first_row = agree_first_row(comm, collector) if resuming else 0
     start = time.perf_counter()
@@ -125,7 +128,20 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
     if generation is None:
         return RunResult(place.rank, loop_seconds, [], None)
     rows = [result_row(generation.rules, s) for s in generation.sequences]
-    return RunResult(place.rank, loop_seconds, rows, run_stats(generation, pp, loop_seconds, all_stats))
+    stats = run_stats(generation, pp, loop_seconds, all_stats)
+    return RunResult(place.rank, loop_seconds, rows, {**stats, "balance_head_cost": round(head_cost, 3)})
+
+
+def stage_plans(settings: RunSettings, config: ModelConfig, place: RankPlace, head_cost: float) -> list[StagePlan]:
+    types, layers = list(settings.stage_types), (settings.num_layers, settings.max_layers)
+    return make_plans(config.num_layers, place.world_size, types, *layers, head_cost)
+
+
+def agreed_head_cost(comm, settings: RunSettings, config: ModelConfig, device: torch.device) -> float:
+    """``--balance-head measured``: rank 0 times the head against a layer, and every rank
+    splits by its figure (timed on every rank, the splits could differ by noise)."""
+    mine = measured_head_cost(config, settings.dtype, device, settings.packed_weights) if comm.rank == 0 else None
+    return comm.all_gather_objects(mine, "agreeing on the layer split with")[0]
 
 
 def load_stage(settings: RunSettings, plan: StagePlan, run_inputs: RunInputs, config: ModelConfig, device):

@@ -46,7 +46,7 @@ class RunSettings:
     max_inflight: int | None = None  # None: pp + 1
     num_layers: int | None = None  # layers per stage (DejaVu meaning)
     max_layers: int | None = None
-    balance_head: bool = False
+    balance_head: str | None = None  # None, "measured" (timed on rank 0) or "params" (by weights)
     dist_backend: str | None = None  # None: torch_nccl with CUDA, else gloo
     dist_timeout: float = 300.0
     dtype: torch.dtype = torch.float32

@@ -213,9 +213,9 @@ def hf_first_layers(hf_dir, num_layers: int):
         # Head 512 x 64 = 32768 parameters; a layer 2*64*64 + 2*64*16 + 3*64*16 + 2*64 = 13440;
         # so the head weighs 2.44 layers: (4 + 2.44) / 2 = 3.22 per stage, the last keeps
         # round(3.22 - 2.44) = 1 layer. An even split would be (0, 2), (2, 4).
-        ("narrow", ["--balance-head"], [(0, 3), (3, 4)]),
+        ("narrow", ["--balance-head", "params"], [(0, 3), (3, 4)]),
     ],
-    ids=["num-layers", "max-layers", "balance-head"],
+    ids=["num-layers", "max-layers", "balance-head-params"],
 )
 def test_layer_split_flags_end_to_end(request, tmp_path, model, flags, ranges):
     """The stats name each rank's layers as the flags promise, and the tokens equal an HF
@@ -231,6 +231,24 @@ def test_layer_split_flags_end_to_end(request, tmp_path, model, flags, ranges):
     rows = run_infer(shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", 2, extra)
     assert [tuple(r["layers"]) for r in json.loads(stats_path.read_text())["ranks"]] == ranges
     reference, tokenizer = hf_first_layers(hf_dir, ranges[-1][1]), AutoTokenizer.from_pretrained(hf_dir)
+    assert [r["token_ids"] for r in rows] == [hf_greedy(reference, tokenizer, p, 6) for p in PROMPTS]
+
+
+def test_measured_head_balance_is_one_split_on_every_rank(narrow_mlp_dirs, tmp_path):
+    """--balance-head (measured): rank 0 times the head; both ranks then run the split that
+    its figure gives (rank 1 reports its own layers), and the tokens are the full model's."""
+    from transformers import AutoTokenizer
+
+    hf_dir, shard_dir = narrow_mlp_dirs
+    stats_path = tmp_path / "stats.json"
+    extra = ["--max-new-tokens", "6", "--stats-path", str(stats_path), "--balance-head"]
+    rows = run_infer(shard_dir, prompts_file(tmp_path), tmp_path / "out.jsonl", 2, extra)
+    stats = json.loads(stats_path.read_text())
+    cost = stats["balance_head_cost"]
+    assert cost > 0
+    want = split_layers(4, 2, last_stage_extra=cost)
+    assert [tuple(r["layers"]) for r in stats["ranks"]] == [(r.start, r.stop) for r in want]
+    reference, tokenizer = hf_first_layers(hf_dir, 4), AutoTokenizer.from_pretrained(hf_dir)
     assert [r["token_ids"] for r in rows] == [hf_greedy(reference, tokenizer, p, 6) for p in PROMPTS]
 
 
