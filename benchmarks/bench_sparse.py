@@ -14,6 +14,7 @@ Times are medians of interleaved repeats in one process with the same threads.""
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -26,6 +27,7 @@ from benchmarks.common import smollm_model_dir
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock, LlamaEmbeddings, LlamaLMHead, LlamaMLP
 from modules.llama_sparse import LayerPredictor, PredictedMLP, SparseSettings, TealMLP
+from modules.packed_linear import pack_linears
 from sparse_predictor.predictor import low_rank_predictor
 
 PREDICTOR_RANK = 128
@@ -64,19 +66,25 @@ def bench_layer(repeats: int) -> None:
     mlp = LlamaMLP(config).requires_grad_(False)
     calibration = torch.randn(256, config.hidden_size)
     print(f"## One MLP layer {config.hidden_size} x {config.intermediate_size}, {torch.get_num_threads()} threads")
-    print("| batch | sparsity | dense ms | predictor ms | speed-up | teal ms | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    packed = copy.deepcopy(mlp)
+    pack_linears(packed)  # the engine's dense default on a CPU
+    print("speed-ups: against dense row-major / against dense packed")
+    print("| batch | sparsity | dense ms | dense packed ms | predictor ms | speed-up | teal ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in (1, 4, 16):
         x = torch.randn(batch, config.hidden_size)
         for sparsity in (0.3, 0.5, 0.7, 0.9):
             modules = {
                 "dense": mlp,
+                "packed": packed,
                 "predictor": PredictedMLP(mlp, sparsity, random_predictor(config), lookahead=False),
                 "teal": TealMLP(mlp, sparsity, *thresholds_for(mlp, calibration, sparsity)),
             }
             ms = median_ms({name: _call(m, x) for name, m in modules.items()}, repeats)
-            cells = [f"{ms[n]:.2f} | {ms['dense'] / ms[n]:.2f}x" for n in ("predictor", "teal")]
-            print(f"| {batch} | {sparsity:.1f} | {ms['dense']:.2f} | {' | '.join(cells)} |")
+            cells = [
+                f"{ms[n]:.2f} | {ms['dense'] / ms[n]:.2f}x / {ms['packed'] / ms[n]:.2f}x" for n in ("predictor", "teal")
+            ]
+            print(f"| {batch} | {sparsity:.1f} | {ms['dense']:.2f} | {ms['packed']:.2f} | {' | '.join(cells)} |")
 
 
 def _call(module: nn.Module, x: torch.Tensor):
@@ -114,7 +122,7 @@ def bench_model(name: str, model, prompts: list[torch.Tensor], new_tokens: int, 
     print(f"dense engine: {dense:.2f} tokens/s")
     for label, tps in extra.items():
         print(f"{label}: {tps:.2f} tokens/s (engine dense = {dense / tps:.2f}x)")
-    print("| mode | sparsity | measured | tokens/s | speed-up |\n|---|---|---|---|---|")
+    print("| mode | sparsity | measured | tokens/s | speed-up vs dense row-major |\n|---|---|---|---|---|")
     calibration = torch.cat(prompts)
     for mode in ("predictor", "teal", "oracle"):
         for sparsity in (0.5, 0.7):
@@ -123,6 +131,11 @@ def bench_model(name: str, model, prompts: list[torch.Tensor], new_tokens: int, 
             tps = decode_tokens_per_second(sparse, prompts, new_tokens)
             print(f"| {mode} | {sparsity:.1f} | {sparse.measured_sparsity():.3f} | {tps:.2f} | {tps / dense:.2f}x |")
             del sparse
+    model.stage.pack_weights()  # last: the sparse models above share these modules
+    packed = decode_tokens_per_second(model, prompts, new_tokens)
+    print(
+        f"dense engine, packed weights (the engine's CPU default): {packed:.2f} tokens/s ({packed / dense:.2f}x dense)"
+    )
 
 
 def hf_batch1_tokens_per_second(model_dir: Path, prompts: list[torch.Tensor], new_tokens: int) -> float:

@@ -268,8 +268,10 @@ def test_evaluation_against_hf_perplexity(tiny_model, tiny_shard_dir, predictors
     assert oracle["ppl"] == pytest.approx(hf_ppl(lambda i, x, act: top_k_mask(act.abs(), k)), rel=1e-4)
     assert oracle["ppl_ratio"] == pytest.approx(oracle["ppl"] / report["base_ppl"])
     assert oracle["measured_sparsity"] == pytest.approx(1 - k / model.config.intermediate_size)
+    packed = report["base_packed_decode_tokens_per_second"]
     for r in report["results"]:
         assert 0 <= r["token_agreement"] <= 1 and r["decode_tokens_per_second"] > 0 and r["speedup"] > 0
+        assert r["speedup_vs_packed"] == pytest.approx(r["decode_tokens_per_second"] / packed)
         assert 0.3 < r["measured_sparsity"] < 0.7
 
 
