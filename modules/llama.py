@@ -224,9 +224,6 @@ class LlamaBlock(nn.Module):
 
     #: Whether a decode step through it can be compiled into one graph (no host-side work).
     compilable = True
-    #: Whether its linear layers are only called, never read as ``.weight`` (so they can be
-    #: packed for the CPU's GEMM, see ``modules.packed_linear``).
-    packable = True
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -239,6 +236,11 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), ctx, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def packable_parts(self) -> list[nn.Module]:
+        """The parts whose linear layers are only called, never read as ``.weight``, so
+        that they can be packed for the CPU's GEMM (``modules.packed_linear``)."""
+        return [self]
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         _load(self, tensors, {k: f"mlp.{k}" for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")})

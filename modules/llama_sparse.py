@@ -217,7 +217,6 @@ class LlamaSparseBlock(LlamaBlock):
     """The plain block with its MLP computed by a ``SparseMLP``."""
 
     compilable = False  # selections index by data-dependent sizes
-    packable = False  # the sparse MLPs slice the dense weights
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__(config, layer_index)
@@ -233,6 +232,9 @@ class LlamaSparseBlock(LlamaBlock):
             setattr(sparse, name, getattr(block, name))
         sparse.use(settings.mlp_for(block.layer_index, block.mlp))
         return sparse
+
+    def packable_parts(self) -> list[nn.Module]:
+        return [self.self_attn]  # the sparse MLPs slice the dense MLP's weights
 
     def use(self, sparse_mlp: SparseMLP) -> None:
         """Compute the MLP with ``sparse_mlp``; drop the dense weights unless it reads them."""

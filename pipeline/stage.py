@@ -156,10 +156,11 @@ class Stage(nn.Module):
         return self.head(h[:, -1]).argmax(dim=-1)
 
     def pack_weights(self) -> int:
-        """Pack the linear weights of the head and of the blocks that allow it for the CPU's
+        """Pack the linear weights of the head and of the blocks' packable parts for the CPU's
         GEMM (float32 only, see ``modules.packed_linear``); return how many were packed."""
         if packing_available(self.device, self.dtype):
-            modules = [b for b in self.blocks if b.packable] + ([self.head] if self.head is not None else [])
+            modules = [part for block in self.blocks for part in block.packable_parts()]
+            modules += [self.head] if self.head is not None else []
             self.packed_linears += sum(pack_linears(m) for m in modules)
         return self.packed_linears
 

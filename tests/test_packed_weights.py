@@ -1,5 +1,5 @@
-"""Packed CPU weights: the packed product equals a numpy recomputation, only plain linear
-layers of packable blocks are packed, and a run with or without packing gives HF
+"""Packed CPU weights: the packed product equals a numpy recomputation, only the linear
+layers of a block's packable parts are packed, and a run with or without packing gives HF
 generate's tokens."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from modules.llama import LlamaBlock
-from modules.llama_sparse import LlamaSparseBlock
+from modules.llama_sparse import LlamaSparseBlock, SparseSettings
 from modules.packed_linear import PackedLinear, pack_linears, packing_available
 from pipeline.runner import run
 from pipeline.settings import RunSettings
@@ -46,7 +46,9 @@ def test_pack_linears_replaces_the_linear_layers_only(tiny_shard_dir):
     assert pack_linears(block) == 7  # q, k, v, o, gate, up, down
     assert not any(type(m) is nn.Linear for m in block.modules())
     assert (block.input_layernorm, block.post_attention_layernorm) == norms
-    assert LlamaBlock.packable and not LlamaSparseBlock.packable  # sparse MLPs slice .weight
+    block = LlamaBlock.from_shard(tiny_shard_dir, config, 1)
+    sparse = LlamaSparseBlock.from_block(block, config, SparseSettings("oracle", 0.5))
+    assert sparse.packable_parts() == [block.self_attn]  # its MLP slices the dense weights
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "row-major"])
