@@ -42,10 +42,15 @@ def test_pack_linears_replaces_the_linear_layers_only(tiny_shard_dir):
     config = ModelConfig.from_model_dir(tiny_shard_dir)
     block = LlamaBlock.from_shard(tiny_shard_dir, config, 0)
     norms = (block.input_layernorm, block.post_attention_layernorm)
+    norm_weight = block.input_layernorm.weight.detach().clone()
+    mapped = block.input_layernorm.weight.untyped_storage().data_ptr()  # in the shard file's memory map
 
     assert pack_linears(block) == 7  # q, k, v, o, gate, up, down
     assert not any(type(m) is nn.Linear for m in block.modules())
     assert (block.input_layernorm, block.post_attention_layernorm) == norms
+    # copied out of the map, so the map (and the packed-away weights' pages) can be released
+    assert block.input_layernorm.weight.untyped_storage().data_ptr() != mapped
+    assert torch.equal(block.input_layernorm.weight, norm_weight)
     block = LlamaBlock.from_shard(tiny_shard_dir, config, 1)
     sparse = LlamaSparseBlock.from_block(block, config, SparseSettings("oracle", 0.5))
     assert sparse.packable_parts() == [block.self_attn]  # its MLP slices the dense weights
