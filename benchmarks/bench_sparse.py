@@ -28,6 +28,7 @@ from engine.config import ModelConfig
 from modules.llama import LlamaBlock, LlamaEmbeddings, LlamaLMHead, LlamaMLP
 from modules.llama_sparse import LayerPredictor, PredictedMLP, SparseSettings, TealMLP
 from modules.packed_linear import pack_linears
+from sparse_predictor.evaluate_sparse import SparseModel, greedy_speed
 from sparse_predictor.predictor import low_rank_predictor
 
 PREDICTOR_RANK = 128
@@ -91,14 +92,6 @@ def _call(module: nn.Module, x: torch.Tensor):
     return (lambda: module(x)) if isinstance(module, LlamaMLP) else (lambda: module(x, x))
 
 
-def decode_tokens_per_second(model, prompts: list[torch.Tensor], new_tokens: int) -> float:
-    seconds = tokens = 0
-    for prompt in prompts:
-        generated, spent = model.greedy(prompt, new_tokens)
-        seconds, tokens = seconds + spent, tokens + len(generated) - 1
-    return tokens / seconds
-
-
 def settings_for(model, mode: str, sparsity: float, calibration: torch.Tensor) -> SparseSettings:
     """Random predictors or TEAL thresholds from each layer's own MLP inputs on ``calibration``."""
     config = model.stage.config
@@ -120,7 +113,7 @@ def bench_model(name: str, model, prompts: list[torch.Tensor], new_tokens: int, 
     """Dense with row-major weights first; then each sparse model as the engine runs it on a
     CPU (attention and head packed, shared with the dense model; the MLP's selections read
     its row-major weights); then dense packed, the engine's CPU default."""
-    dense = decode_tokens_per_second(model, prompts, new_tokens)
+    dense = greedy_speed(model, prompts, new_tokens)[1]
     rows = []
     calibration = torch.cat(prompts)
     for mode in ("predictor", "teal", "oracle"):
@@ -128,11 +121,11 @@ def bench_model(name: str, model, prompts: list[torch.Tensor], new_tokens: int, 
             sparse = model.sparse(settings_for(model, mode, sparsity, calibration) if mode != "oracle"
                                   else SparseSettings(mode, sparsity))  # fmt: skip
             sparse.stage.pack_weights()
-            tps = decode_tokens_per_second(sparse, prompts, new_tokens)
+            tps = greedy_speed(sparse, prompts, new_tokens)[1]
             rows.append((mode, sparsity, sparse.measured_sparsity(), tps))
             del sparse
     model.stage.pack_weights()  # last: the sparse models slice its MLP weights
-    packed = decode_tokens_per_second(model, prompts, new_tokens)
+    packed = greedy_speed(model, prompts, new_tokens)[1]
     print(f"## {name}: batch-1 decode, {new_tokens} tokens x {len(prompts)} prompts, {torch.get_num_threads()} threads")
     print(f"dense engine: {packed:.2f} tokens/s packed (the CPU default), {dense:.2f} row-major")
     for label, tps in extra.items():
@@ -165,8 +158,6 @@ def hf_batch1_tokens_per_second(model_dir: Path, prompts: list[torch.Tensor], ne
 
 
 def main() -> None:
-    from sparse_predictor.evaluate_sparse import SparseModel
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=15)
