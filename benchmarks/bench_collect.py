@@ -3,10 +3,10 @@
     python -m benchmarks.bench_collect [--docs 48] [--doc-tokens 256] [--new-tokens 32]
 
 SmolLM2 fp32 on a 2-stage gloo pipeline (1 thread per rank), on documents of the Lee
-news corpus: prompt-only (as DejaVu collects C4) and with greedy generation. Prints the
-slowdown, the write bandwidth, the share of the machine's GEMM throughput the prompt-only
-runs reach, bytes per token per layer, and the disk 400000 rows need for Llama 3.2 1B/3B
-and Llama 3 8B."""
+news corpus: prompt-only (as DejaVu collects C4) and with greedy generation, micro-batches
+as the engine sizes them by default. Prints the slowdown, the write bandwidth, the share of
+the machine's GEMM throughput the prompt-only runs reach, bytes per token per layer, and
+the disk 400000 rows need for Llama 3.2 1B/3B and Llama 3 8B."""
 
 from __future__ import annotations
 
@@ -84,12 +84,14 @@ def main() -> None:
     docs = [" ".join(d.split()[: args.doc_tokens]) for d in load_documents("gensim-lee")[: args.docs]]
 
     print(f"SmolLM2-135M fp32, pp=2 gloo, 1 thread/rank, {len(docs)} Lee documents")
-    print(f"{'workload':28s} {'llama tok/s':>12s} {'save tok/s':>11s} {'slowdown':>9s} {'write MB/s':>11s}")
+    header = ("llama tok/s", "save tok/s", "slowdown", "write MB/s", "mb size")
+    print(f"{'workload':28s} " + " ".join(f"{h:>11s}" for h in header))
     per_token = bytes_per_token_layer(config.hidden_size, config.intermediate_size, config.num_heads)
     tokenizer = load_tokenizer(model_dir)
     lengths = [len(tokenizer(d)["input_ids"]) for d in docs]
-    gemm = 2 * gemm_flops_per_second(config, 8 * round(sum(lengths) / len(lengths)))  # 2 ranks, 1 core each
-    shares = {}
+    # The machine's best rate over the row counts a prefill micro-batch has; 2 ranks, 1 core each.
+    gemm = 2 * max(gemm_flops_per_second(config, rows) for rows in (256, 512, 1024, 2048))
+    shares, sizes = {}, {}
     for label, max_tokens in (("prompt-only", 0), (f"generate {args.new_tokens}", args.new_tokens)):
         prompts = write_prompt_file(work / f"docs_{max_tokens}.jsonl", docs, max_tokens)
         best = {"llama": 0.0, "llama-save": 0.0}
@@ -98,23 +100,27 @@ def main() -> None:
             for model_type in best:
                 collect = work / "collect"
                 shutil.rmtree(collect, ignore_errors=True)
-                extra = ["--model-type", model_type, "--micro-batch-size", "8", "--collect-capacity", "200000"]
+                extra = ["--model-type", model_type, "--collect-capacity", "200000"]
                 if model_type == "llama-save":
                     extra += ["--collect-dir", str(collect)]
                 stats = run_engine(model_dir, prompts, 2, 1, extra)
                 tokens = stats["prompt_tokens"] + stats["generated_tokens"]
+                sizes[label] = stats["micro_batch_size"]
                 best[model_type] = max(best[model_type], tokens / stats["total_seconds"])
                 if model_type == "llama-save":
                     rows = min(recorded_rows(collect).values())
         save_seconds = rows / best["llama-save"]
         bandwidth = rows * per_token * config.num_layers / save_seconds / 1e6
         slowdown = best["llama"] / best["llama-save"] - 1
-        print(f"{label:28s} {best['llama']:12.1f} {best['llama-save']:11.1f} {slowdown:8.1%} {bandwidth:11.1f}")
+        print(
+            f"{label:28s} {best['llama']:11.1f} {best['llama-save']:11.1f} {slowdown:11.1%} {bandwidth:11.1f}"
+            f" {sizes[label]:11d}"
+        )
         if max_tokens == 0:
             context = sum(n * n / 2 for n in lengths) / sum(lengths)  # mean keys a causal token sees
             shares = {m: tok * flops_per_token(config, context) / gemm for m, tok in best.items()}
     print(
-        f"\nprompt-only share of the GEMM throughput (2 x one thread's {gemm / 2e9:.1f} GFLOP/s at micro-batch"
+        f"\nprompt-only share of the GEMM throughput (2 x one thread's best {gemm / 2e9:.1f} GFLOP/s, 256-2048"
         f" rows): llama {shares['llama']:.1%}, llama-save {shares['llama-save']:.1%}"
     )
     print(f"\nbytes per token per layer (float16): {per_token} for SmolLM2 ({array_widths(config)})")

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--token-micro-batch-size",
         type=_count(1),
         default=None,
-        help="prompts per micro-batch (default: spread the prompts over the stages, at most 32)",
+        help="prompts per micro-batch (default: spread the prompts over the stages, at most 32; "
+        "prompt-only runs: about 512 prompt tokens each)",
     )
     p.add_argument(
         "--max-inflight", type=_count(1), default=None, help="micro-batches in the ring at once (default pp + 1)"

@@ -2,7 +2,8 @@
 
 Every forward takes a ``StepContext`` built once per step and shared by all layers of a
 stage: RoPE tables for the step's positions, the attention mask (causal plus left
-padding, as wide as the KV cache) and the cache slots the step's keys go to."""
+padding, as wide as the KV cache) and the cache slots the step's keys go to; or, for a
+prefill, the prompts packed without padding (``PackedPrompts``)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,42 @@ class RealRows:
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The real rows of ``x`` (B, T, ...), flattened to (count, ...)."""
-        return x.flatten(0, 1).index_select(0, self.index.to(x.device))
+        rows = x.flatten(0, 1)
+        return rows if self.count == len(rows) else rows.index_select(0, self.index.to(x.device))
+
+
+@dataclass
+class PackedPrompts:
+    """A prefill's prompts packed into one row of real tokens, with no padding between them:
+    the linear layers, norms and RoPE see real tokens only, attention runs causally within
+    each prompt, and keys and values land in the cache where the left-padded layout puts
+    them (so decode steps see the cache as if the prompts had been padded)."""
+
+    bounds: list[tuple[int, int]]  # each prompt's [start, end) among the packed tokens
+    batch_index: torch.Tensor  # (N,) long: each token's row in the micro-batch
+    slot_index: torch.Tensor  # (N,) long: each token's cache slot
+
+    @classmethod
+    def of(cls, real: torch.Tensor) -> PackedPrompts:
+        """From the (B, T) left-padding mask (one host sync: the prompt lengths)."""
+        batch_index, slot_index = real.nonzero(as_tuple=True)
+        ends = real.sum(-1).cumsum(0).tolist()
+        return cls(list(zip([0, *ends[:-1]], ends)), batch_index, slot_index)
+
+    @property
+    def last_tokens(self) -> torch.Tensor:
+        """(B,) index of each prompt's last token: where the next token is predicted."""
+        return torch.tensor([end - 1 for _, end in self.bounds], device=self.batch_index.device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q, k, v (1, heads, N, head_dim) -> (1, heads, N, head_dim)."""
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=gqa)
+                for s, e in self.bounds
+            ],
+            dim=2,
+        )
 
 
 @dataclass
@@ -88,9 +124,10 @@ class StepContext:
 
     cos: torch.Tensor  # (B, T, head_dim)
     sin: torch.Tensor  # (B, T, head_dim)
-    mask: torch.Tensor  # (B, 1, T, K) bool: which of the K keys (the whole cache) each query may see
-    slots: torch.Tensor  # (T,) long: the cache slots the step's keys and values go to
+    mask: torch.Tensor | None  # (B, 1, T, K) bool: which of the K keys (the whole cache) each query may see
+    slots: torch.Tensor | None  # (T,) long: the cache slots the step's keys and values go to
     real: torch.Tensor  # (B, T) bool: real tokens (not padding, not finished rows)
+    packed: PackedPrompts | None = None  # a packed prefill (B = 1): attention per prompt, no mask
 
     @cached_property
     def real_rows(self) -> RealRows:
@@ -157,6 +194,12 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, slots, v)
         return self.k, self.v
 
+    def write_packed(self, packed: PackedPrompts, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a packed prefill's keys and values (1, kv_heads, N, head_dim) at their slots."""
+        rows, slots = packed.batch_index, packed.slot_index
+        self.k[rows, :, slots] = k[0].transpose(0, 1)
+        self.v[rows, :, slots] = v[0].transpose(0, 1)
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -177,12 +220,14 @@ class LlamaAttention(nn.Module):
         cos, sin = ctx.cos[:, None], ctx.sin[:, None]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        gqa = self.num_heads != self.num_kv_heads
+        if ctx.packed is not None:
+            if cache is not None:
+                cache.write_packed(ctx.packed, k, v)
+            return ctx.packed.attend(q, k, v, gqa).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(ctx.slots, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=gqa).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache | None = None) -> torch.Tensor:
         return self.o_proj(self.heads(x, ctx, cache).flatten(2))

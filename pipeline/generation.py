@@ -106,6 +106,22 @@ def make_sequences(
     return sequences
 
 
+#: Prompt tokens a prompt-only micro-batch aims at. The GEMMs run at their full rate from
+#: about 256 rows (BENCHMARKS.md), and more, smaller micro-batches fill and drain the
+#: pipeline in a smaller share of the run.
+PREFILL_TOKENS = 512
+
+
+def default_micro_batch_size(sequences: list[Sequence], pp: int) -> int:
+    """Generating: the prompts spread over the stages, at most 32 rows, since a decode
+    micro-batch reads every weight of a stage once per token. Prompt-only (collection):
+    about ``PREFILL_TOKENS`` prompt tokens each, at least one prompt and at most 32."""
+    if any(s.max_new for s in sequences):
+        return min(32, -(-len(sequences) // pp))
+    mean_length = sum(len(s.prompt_ids) for s in sequences) / len(sequences)
+    return max(1, min(32, round(PREFILL_TOKENS / mean_length)))
+
+
 def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_length: bool = True) -> list[MicroBatch]:
     """Group prompts of similar length (less padding) unless ``by_length`` is off (input
     order), then left-pad each group."""
@@ -125,6 +141,7 @@ def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_len
 
 
 def padding_fraction(batches: list[MicroBatch]) -> float:
-    """Padded prompt slots over all prompt slots of the prefills: the work prefill wastes."""
+    """Padded prompt slots over all prompt slots of the micro-batches: cache slots that each
+    decode step's attention reads past (prefill packs the prompts and computes none)."""
     slots = sum(mb.real.numel() for mb in batches)
     return 1 - sum(int(mb.real.sum()) for mb in batches) / slots if slots else 0.0

@@ -29,6 +29,7 @@ from pipeline.generation import (
     GenerationRules,
     MicroBatch,
     Sequence,
+    default_micro_batch_size,
     make_micro_batches,
     make_sequences,
     padding_fraction,
@@ -214,7 +215,7 @@ def drive(settings: RunSettings, stage: Stage, comm, tokenizer, sequences: list[
 
     eos = set(stage.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
     pad_id = next(iter(({tokenizer.pad_token_id} | eos) - {None}), 0)
-    size = settings.micro_batch_size or min(32, -(-len(sequences) // pp))
+    size = settings.micro_batch_size or default_micro_batch_size(sequences, pp)
     batches = make_micro_batches(sequences, size, pad_id, by_length=settings.length_buckets)
     rules = GenerationRules(tokenizer, eos, settings.ignore_eos)
     driver = FirstStageDriver(stage, comm, rules, pad_id, settings.max_inflight or pp + 1)

@@ -95,10 +95,11 @@ def run_follower(stage: Stage, comm, hidden_size: int) -> None:
                 return
             continue
         real = comm.recv((batch, length), torch.uint8, prev)
-        x = comm.recv((batch, length, hidden_size), stage.dtype, prev)
-        if kind == PREFILL:
+        if kind == PREFILL:  # the prompts come packed: the real tokens only
+            x = comm.recv((1, int(real.sum()), hidden_size), stage.dtype, prev)
             out = stage.prefill(mb, x, real.bool(), cache_len)
         else:
+            x = comm.recv((batch, length, hidden_size), stage.dtype, prev)
             out = stage.decode(mb, x, real.bool())
         if last:
             comm.send(out, 0)

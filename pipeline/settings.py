@@ -42,7 +42,7 @@ class RunSettings:
     pp_degree: int | None = None  # None: the world size
     max_new_tokens: int = 32
     truncate_prompts: bool = False
-    micro_batch_size: int | None = None  # None: spread the prompts over the stages, at most 32
+    micro_batch_size: int | None = None  # None: generation.default_micro_batch_size
     max_inflight: int | None = None  # None: pp + 1
     num_layers: int | None = None  # layers per stage (DejaVu meaning)
     max_layers: int | None = None

@@ -26,9 +26,9 @@ from modules.llama import (
     KVCache,
     LlamaEmbeddings,
     LlamaLMHead,
+    PackedPrompts,
     RopeTable,
     StepContext,
-    attention_mask,
     rope_inv_freq,
 )
 from modules.packed_linear import pack_linears, packing_available
@@ -110,7 +110,10 @@ class Stage(nn.Module):
     @torch.inference_mode()
     def prefill(self, mb: int, x: torch.Tensor, real: torch.Tensor, cache_len: int) -> torch.Tensor:
         """Start micro-batch ``mb`` with its prompt step; ``real`` (B, T) is the left-padding
-        mask and ``cache_len`` the prompt width plus the most new tokens of any row."""
+        mask and ``cache_len`` the prompt width plus the most new tokens of any row. The
+        prompts run packed, without their padding: ``x`` is the (B, T) token ids on the
+        first stage, elsewhere the packed (1, N, hidden) states of the N real tokens, which
+        is also what a stage before the last returns."""
         batch, width = real.shape
         length = padded_cache_length(cache_len)
         self.rope.ensure(length)
@@ -120,9 +123,13 @@ class Stage(nn.Module):
         caches = self.pool.take(batch, length)
         slot = torch.tensor([width], device=self.device)
         self.states[mb] = MicroBatchState(caches, key_valid, positions[:, -1:] + 1, slot)
-        slots = torch.arange(width, device=self.device)
-        cos, sin = self.rope.lookup(positions)
-        return self._forward(x, StepContext(cos, sin, attention_mask(key_valid, slots), slots, real), caches)
+        packed = PackedPrompts.of(real)
+        if self.input_is_tokens:
+            x = x[real][None]
+        cos, sin = self.rope.lookup(positions[real][None])
+        everything = torch.ones(1, len(packed.batch_index), dtype=torch.bool, device=self.device)
+        ctx = StepContext(cos, sin, None, None, everything, packed)
+        return self._forward(x, ctx, caches, packed.last_tokens)
 
     @torch.inference_mode()
     def decode(self, mb: int, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -147,13 +154,16 @@ class Stage(nn.Module):
         slot.add_(1)
         return out
 
-    def _forward(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache]) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache], last: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``last``: the packed prefill's last token per prompt (decode: each row's only one)."""
         h = self.embeddings(x) if self.embeddings is not None else x
         for block, cache in zip(self.blocks, caches):
             h = block(h, ctx, cache)
         if self.head is None:
             return h
-        return self.head(h[:, -1]).argmax(dim=-1)
+        return self.head(h[:, -1] if last is None else h[0, last]).argmax(dim=-1)
 
     def pack_weights(self) -> int:
         """Pack the linear weights of the head and of the blocks' packable parts for the CPU's

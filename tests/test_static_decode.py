@@ -1,6 +1,6 @@
 """The static decode step and its options: --compile gives HF generate's tokens with a
-bounded number of compiled graphs, and the prefill padding with and without length
-buckets matches a hand count."""
+bounded number of compiled graphs; the prefill padding with and without length buckets,
+the packed prefill's layout and the default micro-batch size match hand counts."""
 
 from __future__ import annotations
 
@@ -11,12 +11,34 @@ import torch
 from pipeline_helpers import PROMPTS, hf_greedy, run_infer, write_prompts
 
 from engine.prompts import PromptRequest
-from pipeline.generation import Sequence, make_micro_batches, padding_fraction
+from modules.llama import PackedPrompts
+from pipeline.generation import Sequence, default_micro_batch_size, make_micro_batches, padding_fraction
 from pipeline.stage import CACHE_LENGTH_STEP
 
 
-def sequences_of_lengths(lengths: list[int]) -> list[Sequence]:
-    return [Sequence(i, PromptRequest(i, "x"), list(range(3, 3 + n)), 4) for i, n in enumerate(lengths)]
+def sequences_of_lengths(lengths: list[int], max_new: int = 4) -> list[Sequence]:
+    return [Sequence(i, PromptRequest(i, "x"), list(range(3, 3 + n)), max_new) for i, n in enumerate(lengths)]
+
+
+def test_packed_prefill_layout_by_hand():
+    """Prompts of 2, 3 and 1 tokens left-padded to 3: packed, tokens 0-1, 2-4 and 5; the
+    first prompt's tokens sit in cache slots 1 and 2 of row 0, the last one's in slot 2."""
+    real = torch.tensor([[False, True, True], [True, True, True], [False, False, True]])
+    packed = PackedPrompts.of(real)
+    assert packed.bounds == [(0, 2), (2, 5), (5, 6)]
+    assert packed.batch_index.tolist() == [0, 0, 1, 1, 1, 2]
+    assert packed.slot_index.tolist() == [1, 2, 0, 1, 2, 2]
+    assert packed.last_tokens.tolist() == [1, 4, 5]
+
+
+def test_default_micro_batch_size_by_hand():
+    """Generating: 10 prompts over 2 stages give 5 a micro-batch, never more than 32.
+    Prompt-only: about 512 prompt tokens a micro-batch, from 1 to 32 prompts."""
+    assert default_micro_batch_size(sequences_of_lengths([7] * 10), 2) == 5
+    assert default_micro_batch_size(sequences_of_lengths([7] * 100), 2) == 32
+    assert default_micro_batch_size(sequences_of_lengths([100, 156] * 5, max_new=0), 2) == 4  # 512 / 128
+    assert default_micro_batch_size(sequences_of_lengths([2000] * 3, max_new=0), 2) == 1
+    assert default_micro_batch_size(sequences_of_lengths([4] * 100, max_new=0), 2) == 32
 
 
 def test_padding_fraction_with_and_without_length_buckets():
