@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
     p.add_argument("--threads", type=_count(1), default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument(
+        "--no-bind-cores",
+        action="store_true",
+        help="let CPU ranks float over every core (default: several ranks on a machine each get cores of their own)",
+    )
     p.add_argument("--collect-dir", help="where llama-save stages write their activation files")
     p.add_argument(
         "--collect-layers",
@@ -187,6 +192,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         dist_timeout=args.dist_timeout,
         dtype=args.dtype,
         threads=args.threads,
+        bind_cores=not args.no_bind_cores,
         verify_shards=args.verify_shards,
         ignore_eos=args.ignore_eos,
         progress=not args.no_progress,

@@ -19,6 +19,7 @@ import torch
 from engine.collector import ActivationCollector, CollectError
 from engine.comm import PeerError, default_backend, device_for, open_communicator
 from engine.config import ConfigError, ModelConfig
+from engine.host import bind_cores, keep_freed_memory
 from engine.prompts import PromptError, read_prompts
 from engine.shards import ShardError, shard_filename, verify_manifest
 from engine.tokenizer import load_tokenizer
@@ -85,15 +86,14 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
             f"--pp-degree {pp} must equal the number of processes ({place.world_size});"
             f" use torchrun --nproc_per_node {pp} (on several nodes: --nnodes times --nproc_per_node)"
         )
-    if settings.threads or place.world_size > 1:
-        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // place.local_world_size))
+    backend = settings.dist_backend or default_backend()
+    device = device_for(backend)
+    cores = configure_host(settings, place, device)
     config = ModelConfig.from_model_dir(settings.model_dir)
     head_cost = lm_head_cost(config) if settings.balance_head else 0.0
     measure = settings.balance_head == "measured" and place.world_size > 1
     plans = stage_plans(settings, config, place, head_cost)
     run_inputs = None if measure else prepare_run(settings, plans, config, place)  # measured: once split
-    backend = settings.dist_backend or default_backend()
-    device = device_for(backend)
 
     comm = open_communicator(backend, settings.dist_timeout, device, place.world_size)
     if measure:
@@ -124,13 +124,26 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
     if collector is not None:
         collector.close()
     loop_seconds = time.perf_counter() - start
-    all_stats = comm.gather_objects(rank_stats(comm, loop_seconds, device, stage))
+    all_stats = comm.gather_objects({**rank_stats(comm, loop_seconds, device, stage), "cores": cores})
     comm.close()
     if generation is None:
         return RunResult(place.rank, loop_seconds, [], None)
     rows = [result_row(generation.rules, s) for s in generation.sequences]
     stats = run_stats(generation, pp, loop_seconds, all_stats)
     return RunResult(place.rank, loop_seconds, rows, {**stats, "balance_head_cost": round(head_cost, 3)})
+
+
+def configure_host(settings: RunSettings, place: RankPlace, device: torch.device) -> list[int]:
+    """This process's threads, its cores and its malloc (see ``engine.host``), before any
+    thread pool starts; returns the cores it is bound to ([]: not bound)."""
+    keep_freed_memory()
+    if not (settings.threads or place.world_size > 1):
+        return []
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // place.local_world_size)
+    torch.set_num_threads(threads)
+    if settings.bind_cores and device.type == "cpu" and place.local_world_size > 1:
+        return bind_cores(place.local_rank, place.local_world_size, threads)
+    return []
 
 
 def stage_plans(settings: RunSettings, config: ModelConfig, place: RankPlace, head_cost: float) -> list[StagePlan]:

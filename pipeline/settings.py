@@ -51,6 +51,7 @@ class RunSettings:
     dist_timeout: float = 300.0
     dtype: torch.dtype = torch.float32
     threads: int | None = None  # None: cores / ranks when there are several ranks
+    bind_cores: bool = True  # several CPU ranks on a machine: each on cores of its own (engine.host)
     verify_shards: bool = False
     ignore_eos: bool = False
     progress: bool = True

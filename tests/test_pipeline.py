@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -258,13 +259,17 @@ def test_stats_file(tiny_shard_dir, tmp_path):
         prompts_file(tmp_path),
         tmp_path / "out.jsonl",
         2,
-        ["--max-new-tokens", "4", "--stats-path", str(tmp_path / "stats.json"), "--ignore-eos"],
+        ["--max-new-tokens", "4", "--stats-path", str(tmp_path / "stats.json"), "--ignore-eos", "--threads", "1"],
     )
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["generated_tokens"] == 4 * len(PROMPTS)
     assert {"prefill_seconds", "decode_seconds", "tokens_per_second"} <= stats.keys()
     assert [r["rank"] for r in stats["ranks"]] == [0, 1]
     assert all(r["peak_memory_bytes"] > 0 and 0 <= r["idle_fraction"] <= 1 for r in stats["ranks"])
+    # Two ranks of one thread each: each bound to a core of its own, in order (one core: unbound).
+    available = sorted(os.sched_getaffinity(0))
+    expected = [[available[0]], [available[1]]] if len(available) >= 2 else [[], []]
+    assert [r["cores"] for r in stats["ranks"]] == expected
 
 
 @pytest.mark.parametrize(

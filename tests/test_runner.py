@@ -1,11 +1,12 @@
 """The runner without a command line: one stage in this process, tokens equal to HF
-generate; the pieces it is made of (typed block options, the head's cost); and the blocks'
+generate; the pieces it is made of (typed block options, the head's cost, core binding); and the blocks'
 import hygiene (no training code)."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from pipeline_helpers import ROOT, hf_greedy, write_prompts
 
 from engine.config import ModelConfig
+from engine.host import bind_cores
 from modules.registry import BlockSpec, NPTOptions, build_block
 from pipeline.plan import lm_head_cost
 from pipeline.runner import run
@@ -45,6 +47,13 @@ def test_lm_head_cost_is_the_head_in_layers(tiny_shard_dir):
     # gate, up, down 64 x 192, two norms of 64.
     layer = 2 * 64 * 64 + 2 * 64 * 16 + 3 * 64 * 192 + 2 * 64
     assert lm_head_cost(ModelConfig.from_model_dir(tiny_shard_dir)) == pytest.approx(512 * 64 / layer)
+
+
+def test_bind_cores_leaves_ranks_that_do_not_fit_unbound():
+    """Two ranks that each want every core cannot have cores of their own: nothing changes."""
+    before = os.sched_getaffinity(0)
+    assert bind_cores(0, 2, len(before)) == []
+    assert os.sched_getaffinity(0) == before
 
 
 def test_block_options_are_typed(tiny_shard_dir):
