@@ -26,7 +26,7 @@ if [ ! -f "$OUT/collect/manifest.json" ]; then
     OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 launch/infer.py \
         --model-type llama-save --model-name "$MODEL" --pp-degree 2 --infer-data "$OUT/train.jsonl" \
         --output-path "$OUT/collect_out.jsonl" --max-new-tokens 0 --collect-dir "$OUT/collect" \
-        --collect-capacity 120000 --micro-batch-size 8
+        --collect-capacity 120000
 fi
 [ -f "$OUT/predictors/metrics.json" ] || "$PY" -m sparse_predictor.train --data-dir "$OUT/collect" \
     --model-name "$MODEL" --out "$OUT/predictors" --kind mlp --D 128 --epochs 4

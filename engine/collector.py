@@ -34,6 +34,7 @@ from engine.dataset_format import (
     array_widths,
     model_fingerprint,
 )
+from engine.host import float_this_thread
 
 if TYPE_CHECKING:
     from modules.llama import RealRows
@@ -330,6 +331,7 @@ class BackgroundWriter:
         file.write(start, converted.numpy())
 
     def _run(self) -> None:
+        float_this_thread()  # a stage bound to one core would otherwise take turns with it
         while (item := self.queue.get()) is not None:
             try:
                 if self.error is None:

@@ -3,7 +3,9 @@
 - **Cores.** With several ranks on one machine, each rank's compute thread and its gloo
   thread float over all cores, and a message sent just before a step can wait for the
   scheduler's next tick (4 ms here) before it leaves. Each rank bound to cores of its own
-  keeps both threads together (BENCHMARKS.md: pp=2 decode's bubble and throughput).
+  keeps both threads together (BENCHMARKS.md: pp=2 decode's bubble and throughput). A
+  helper thread with work of its own (the collector's writer) floats over all the cores
+  again, to use the time the other ranks wait, instead of taking turns with its stage.
 - **Memory.** glibc's malloc returns large freed blocks to the OS (blocks above the mmap
   threshold, and the top of a trimmed heap), with a threshold that moves with what the
   process has freed. A stage allocates and frees megabytes per layer and step, so each
@@ -30,6 +32,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+#: The cores this process could use before ``bind_cores`` narrowed them (None: not bound).
+_unbound_cores: set[int] | None = None
+
+
 def bind_cores(local_rank: int, local_ranks: int, threads: int) -> list[int]:
     """Bind this process (its threads from now on) to ``threads`` cores of its own, the
     ``local_rank``-th share of the cores it may use; return them, or [] (left as it was)
@@ -39,6 +45,14 @@ def bind_cores(local_rank: int, local_ranks: int, threads: int) -> list[int]:
     cores = sorted(os.sched_getaffinity(0))
     if local_ranks * threads > len(cores):
         return []
+    global _unbound_cores
+    _unbound_cores = set(cores)
     mine = cores[local_rank * threads : (local_rank + 1) * threads]
     os.sched_setaffinity(0, mine)
     return mine
+
+
+def float_this_thread() -> None:
+    """Let the calling thread run on every core the process had before it was bound."""
+    if _unbound_cores is not None:
+        os.sched_setaffinity(0, _unbound_cores)  # 0: the calling thread alone (Linux)

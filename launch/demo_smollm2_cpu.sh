@@ -51,7 +51,7 @@ if ! compgen -G "$OUT/collect/manifest*.json" >/dev/null; then
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$PP" launch/infer.py \
         --model-type llama-save --model-name "$OUT/model" --pp-degree "$PP" \
         --infer-data "$OUT/corpus/train.jsonl" --output-path "$OUT/collect_results.jsonl" \
-        --max-new-tokens 0 --collect-dir "$OUT/collect" --collect-capacity 8000 --micro-batch-size 8
+        --max-new-tokens 0 --collect-dir "$OUT/collect" --collect-capacity 8000
 fi
 "$PY" -c "import sys; from sparse_predictor.data import Collection; c=Collection.open(sys.argv[1]); print(f'{len(c.layers)} layers x {min(c.rows.values())} rows')" \
     "$OUT/collect"

@@ -56,6 +56,30 @@ def test_bind_cores_leaves_ranks_that_do_not_fit_unbound():
     assert os.sched_getaffinity(0) == before
 
 
+FLOAT_A_THREAD = """
+import os, threading
+from engine.host import bind_cores, float_this_thread
+before = sorted(os.sched_getaffinity(0))
+seen = {}
+def helper():
+    float_this_thread()
+    seen["helper"] = sorted(os.sched_getaffinity(0))
+assert bind_cores(1, 2, 1) == before[1:2]
+thread = threading.Thread(target=helper)
+thread.start()
+thread.join()
+assert seen["helper"] == before, seen
+assert sorted(os.sched_getaffinity(0)) == before[1:2]
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to bind one")
+def test_bound_rank_threads_float_only_when_asked():
+    """Rank 1 of two binds to the second core; a helper thread (the collector's writer)
+    floats back over every core, and the rank's own thread stays bound."""
+    subprocess.run([sys.executable, "-c", FLOAT_A_THREAD], cwd=ROOT, check=True)
+
+
 def test_block_options_are_typed(tiny_shard_dir):
     spec = BlockSpec(tiny_shard_dir, ModelConfig.from_model_dir(tiny_shard_dir), 0, None)
     with pytest.raises(TypeError, match="llama-save blocks take SaveOptions, got NoneType"):
