@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# HF gets the huge pages the engine's launcher asks for (launch/infer.py), before torch allocates.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
