@@ -132,7 +132,7 @@ def print_table(rows: list[Row], prompts: int, new_tokens: int) -> None:
             f"| {row.name} | {row.tokens_per_second:.1f} | {row.tokens_per_second / hf:.2f}x |"
             f" {row.tokens_per_second / strongest:.2f}x | {per_token:.1f} | {compile_cells} |"
         )
-    print("\n| run | rank | layers | idle (bubble) | peak RSS MiB | parameters MiB | prefill padding |")
+    print("\n| run | rank | layers | idle (bubble) | peak RSS MiB | parameters MiB | padding (decode cache) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     mib = 2**20
     for row in rows:

@@ -123,9 +123,11 @@ def default_micro_batch_size(sequences: list[Sequence], pp: int) -> int:
 
 
 def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_length: bool = True) -> list[MicroBatch]:
-    """Group prompts of similar length (less padding) unless ``by_length`` is off (input
-    order), then left-pad each group."""
-    ordered = sorted(sequences, key=lambda s: len(s.prompt_ids)) if by_length else sequences
+    """Group prompts of similar length (less padding), longest first, unless ``by_length``
+    is off (input order); then left-pad each group. Longest first shortens the pipeline's
+    fill: while the first stage prefills the second micro-batch, the next stage is busy
+    with the longer first one instead of waiting (BENCHMARKS.md, the pp=2 bubble)."""
+    ordered = sorted(sequences, key=lambda s: -len(s.prompt_ids)) if by_length else sequences
     batches = []
     for start in range(0, len(ordered), size):
         rows = ordered[start : start + size]

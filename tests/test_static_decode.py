@@ -42,12 +42,12 @@ def test_default_micro_batch_size_by_hand():
 
 
 def test_padding_fraction_with_and_without_length_buckets():
-    """Lengths 5, 1, 4, 2 in micro-batches of 2. By length: (1, 2) and (4, 5), padded to 2
-    and 5: 2 padded slots of 14. In input order: (5, 1) and (4, 2), padded to 5 and 4:
-    6 padded slots of 18."""
+    """Lengths 5, 1, 4, 2 in micro-batches of 2. By length, longest first: (5, 4) and
+    (2, 1), padded to 5 and 2: 2 padded slots of 14. In input order: (5, 1) and (4, 2),
+    padded to 5 and 4: 6 padded slots of 18."""
     sequences = sequences_of_lengths([5, 1, 4, 2])
     by_length = make_micro_batches(sequences, 2, pad_id=0)
-    assert [[len(s.prompt_ids) for s in mb.rows] for mb in by_length] == [[1, 2], [4, 5]]
+    assert [[len(s.prompt_ids) for s in mb.rows] for mb in by_length] == [[5, 4], [2, 1]]
     assert padding_fraction(by_length) == pytest.approx(2 / 14)
     in_order = make_micro_batches(sequences, 2, pad_id=0, by_length=False)
     assert [[len(s.prompt_ids) for s in mb.rows] for mb in in_order] == [[5, 1], [4, 2]]
@@ -67,7 +67,7 @@ def hand_padding_fraction(lengths: list[int], size: int) -> float:
 def test_stats_report_the_padding_fraction(tiny_shard_dir, tiny_model, tmp_path, flags):
     model, tokenizer = tiny_model
     lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    expected = hand_padding_fraction(sorted(lengths) if not flags else lengths, 2)
+    expected = hand_padding_fraction(sorted(lengths, reverse=True) if not flags else lengths, 2)
     stats_path = tmp_path / "stats.json"
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     extra = ["--max-new-tokens", "3", "--micro-batch-size", "2", "--stats-path", str(stats_path), *flags]
