@@ -88,13 +88,16 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
         )
     backend = settings.dist_backend or default_backend()
     device = device_for(backend)
-    cores = configure_host(settings, place, device)
+    threads = configure_host(settings, place)
     config = ModelConfig.from_model_dir(settings.model_dir)
     head_cost = lm_head_cost(config) if settings.balance_head else 0.0
     measure = settings.balance_head == "measured" and place.world_size > 1
     plans = stage_plans(settings, config, place, head_cost)
     run_inputs = None if measure else prepare_run(settings, plans, config, place)  # measured: once split
-
+    # Bound only once every check before the process group has passed (and before gloo starts
+    # its threads): a run that fails earlier, in-process as tests run it, keeps its cores.
+    bind = threads and settings.bind_cores and device.type == "cpu" and place.local_world_size > 1
+    cores = bind_cores(place.local_rank, place.local_world_size, threads) if bind else []
     comm = open_communicator(backend, settings.dist_timeout, device, place.world_size)
     if measure:
         head_cost = agreed_head_cost(comm, settings, config, device)
@@ -133,17 +136,15 @@ def run(settings: RunSettings, place: RankPlace | None = None) -> RunResult:
     return RunResult(place.rank, loop_seconds, rows, {**stats, "balance_head_cost": round(head_cost, 3)})
 
 
-def configure_host(settings: RunSettings, place: RankPlace, device: torch.device) -> list[int]:
-    """This process's threads, its cores and its malloc (see ``engine.host``), before any
-    thread pool starts; returns the cores it is bound to ([]: not bound)."""
+def configure_host(settings: RunSettings, place: RankPlace) -> int:
+    """This process's malloc and torch threads (see ``engine.host``), before any thread pool
+    starts; returns the threads it set (0: left as they were)."""
     keep_freed_memory()
     if not (settings.threads or place.world_size > 1):
-        return []
+        return 0
     threads = settings.threads or max(1, (os.cpu_count() or 1) // place.local_world_size)
     torch.set_num_threads(threads)
-    if settings.bind_cores and device.type == "cpu" and place.local_world_size > 1:
-        return bind_cores(place.local_rank, place.local_world_size, threads)
-    return []
+    return threads
 
 
 def stage_plans(settings: RunSettings, config: ModelConfig, place: RankPlace, head_cost: float) -> list[StagePlan]:

@@ -321,12 +321,14 @@ def test_collect_layers_refused_before_loading(
         monkeypatch.setenv("WORLD_SIZE", "2")
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "Hello"}])
     args = infer_args(tiny_shard_dir, prompts, tmp_path / "out.jsonl", [*save_args(tmp_path / "c"), *extra])
+    cores = os.sched_getaffinity(0)
     try:
         assert main(args) != 0
     except SystemExit as e:  # argparse
         assert e.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    assert os.sched_getaffinity(0) == cores  # rank 0 of 2 binds a core only once the group opens
 
 
 def test_disk_estimate_printed_and_a_collection_too_big_refused(tiny_shard_dir, tmp_path, capsys, no_model_loading):
