@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# HF gets the huge pages the engine's launcher asks for (launch/infer.py), before torch allocates.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from engine.host import HUGE_PAGES
+
+os.environ.setdefault(*HUGE_PAGES)  # HF gets the engine's huge pages, before torch allocates
 
 import torch
 

@@ -12,9 +12,8 @@
   allocation can fault its pages back in one by one: in a prompt-only SmolLM2 collection
   on two ranks, the second rank took 904k page faults and 1.8 s of system time in a 14.8 s
   run, and 200k / 0.5 s once the thresholds were fixed.
-- **Huge pages.** ``launch/infer.py`` asks torch for transparent huge pages for its large
-  CPU tensors (``THP_MEM_ALLOC_ENABLE``, read before torch's first allocation, so it is set
-  before torch is imported): decode streams every packed weight once per step, and fewer
+- **Huge pages.** ``HUGE_PAGES`` has torch put its large CPU tensors on
+  transparent huge pages: decode streams every packed weight once per step, and fewer
   TLB misses made SmolLM2's head 7.6 ms a step instead of 8.3-10.2."""
 
 from __future__ import annotations
@@ -25,6 +24,12 @@ import os
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit: bigger blocks are mapped
 TRIM_THRESHOLD = (1 << 31) - 1  # never trim the heap (the largest int mallopt takes)
+
+
+#: Torch's switch for transparent huge pages under its large CPU tensors. Torch reads it
+#: once, at its first allocation: set it (``os.environ.setdefault(*HUGE_PAGES)``, so the
+#: environment can still say otherwise) before torch is imported; this module does not.
+HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def keep_freed_memory() -> bool:

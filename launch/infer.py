@@ -16,10 +16,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Large CPU tensors (the packed weights) on transparent huge pages, which torch reads from
-# here before its first allocation: decode streams every weight once per step, and with
-# fewer TLB misses SmolLM2's head took 7.6 ms instead of 8.3-10.2 (engine/host.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from engine.host import HUGE_PAGES
+
+os.environ.setdefault(*HUGE_PAGES)  # before torch's first allocation (engine/host.py)
 
 import torch
 
