@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "prompt-only runs: about 512 prompt tokens each)",
     )
     p.add_argument(
+        "--prefill-chunk-tokens",
+        type=_count(0),
+        default=None,
+        help="prompt tokens per prefill chunk sent down the pipeline (default: 64 with several stages,"
+        " whole micro-batches with one; 0: whole micro-batches)",
+    )
+    p.add_argument(
         "--max-inflight", type=_count(1), default=None, help="micro-batches in the ring at once (default pp + 1)"
     )
     p.add_argument("--num-layers", type=_count(1), default=None, help="layers per stage (DejaVu meaning)")
@@ -189,6 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         truncate_prompts=args.truncate_prompts,
         micro_batch_size=args.micro_batch_size,
         max_inflight=args.max_inflight,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         num_layers=args.num_layers,
         max_layers=args.max_layers,
         balance_head=args.balance_head,

@@ -96,11 +96,12 @@ class PackedPrompts:
     slot_index: torch.Tensor  # (N,) long: each token's cache slot
 
     @classmethod
-    def of(cls, real: torch.Tensor) -> PackedPrompts:
-        """From the (B, T) left-padding mask (one host sync: the prompt lengths)."""
+    def of(cls, real: torch.Tensor, first_row: int = 0) -> PackedPrompts:
+        """From the (n, T) left-padding mask of a micro-batch's rows ``first_row`` onwards
+        (one host sync: the prompt lengths)."""
         batch_index, slot_index = real.nonzero(as_tuple=True)
         ends = real.sum(-1).cumsum(0).tolist()
-        return cls(list(zip([0, *ends[:-1]], ends)), batch_index, slot_index)
+        return cls(list(zip([0, *ends[:-1]], ends)), batch_index + first_row, slot_index)
 
     @property
     def last_tokens(self) -> torch.Tensor:

@@ -34,6 +34,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, T) left-padded prompt ids
     real: torch.Tensor  # (B, T) bool, False on padding
     cache_len: int
+    chunks: list[tuple[int, int]]  # the prefill's row ranges [start, stop), pipelined one after another
 
     @property
     def active(self) -> torch.Tensor:
@@ -122,11 +123,32 @@ def default_micro_batch_size(sequences: list[Sequence], pp: int) -> int:
     return max(1, min(32, round(PREFILL_TOKENS / mean_length)))
 
 
-def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_length: bool = True) -> list[MicroBatch]:
+#: Prompt tokens per prefill chunk when there are several stages. The GEMMs keep their full
+#: rate down to about 64 rows (BENCHMARKS.md), and the next stage starts on a micro-batch
+#: after its first chunk instead of after the whole prefill.
+PREFILL_CHUNK_TOKENS = 64
+
+
+def prefill_chunks(lengths: list[int], tokens: int | None) -> list[tuple[int, int]]:
+    """Consecutive rows of at most ``tokens`` prompt tokens each (at least one row each);
+    ``None`` or 0: all rows in one chunk."""
+    chunks, start, total = [], 0, 0
+    for row, length in enumerate(lengths):
+        if tokens and row > start and total + length > tokens:
+            chunks.append((start, row))
+            start, total = row, 0
+        total += length
+    return [*chunks, (start, len(lengths))]
+
+
+def make_micro_batches(
+    sequences: list[Sequence], size: int, pad_id: int, by_length: bool = True, chunk_tokens: int | None = None
+) -> list[MicroBatch]:
     """Group prompts of similar length (less padding), longest first, unless ``by_length``
-    is off (input order); then left-pad each group. Longest first shortens the pipeline's
-    fill: while the first stage prefills the second micro-batch, the next stage is busy
-    with the longer first one instead of waiting (BENCHMARKS.md, the pp=2 bubble)."""
+    is off (input order); then left-pad each group, and split its prefill into chunks of
+    ``chunk_tokens`` (see ``prefill_chunks``). Longest first shortens the pipeline's fill:
+    while the first stage prefills the second micro-batch, the next stage is busy with the
+    longer first one instead of waiting (BENCHMARKS.md, the pp=2 bubble)."""
     ordered = sorted(sequences, key=lambda s: -len(s.prompt_ids)) if by_length else sequences
     batches = []
     for start in range(0, len(ordered), size):
@@ -138,7 +160,8 @@ def make_micro_batches(sequences: list[Sequence], size: int, pad_id: int, by_len
             ids[r, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
             real[r, width - len(s.prompt_ids) :] = True
         cache_len = width + max(s.max_new for s in rows)
-        batches.append(MicroBatch(len(batches), rows, ids, real, cache_len))
+        chunks = prefill_chunks([len(s.prompt_ids) for s in rows], chunk_tokens)
+        batches.append(MicroBatch(len(batches), rows, ids, real, cache_len, chunks))
     return batches
 
 

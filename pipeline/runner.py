@@ -27,6 +27,7 @@ from modules.npt_checkpoint import CheckpointError
 from modules.registry import SaveOptions
 from pipeline.block_options import RunInputs, prepare_run, stage_options
 from pipeline.generation import (
+    PREFILL_CHUNK_TOKENS,
     GenerationRules,
     MicroBatch,
     Sequence,
@@ -230,7 +231,10 @@ def drive(settings: RunSettings, stage: Stage, comm, tokenizer, sequences: list[
     eos = set(stage.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
     pad_id = next(iter(({tokenizer.pad_token_id} | eos) - {None}), 0)
     size = settings.micro_batch_size or default_micro_batch_size(sequences, pp)
-    batches = make_micro_batches(sequences, size, pad_id, by_length=settings.length_buckets)
+    chunk_tokens = settings.prefill_chunk_tokens
+    if chunk_tokens is None:  # one stage has nothing to overlap a chunk with
+        chunk_tokens = PREFILL_CHUNK_TOKENS if pp > 1 else 0
+    batches = make_micro_batches(sequences, size, pad_id, settings.length_buckets, chunk_tokens)
     rules = GenerationRules(tokenizer, eos, settings.ignore_eos)
     driver = FirstStageDriver(stage, comm, rules, pad_id, settings.max_inflight or pp + 1)
     total = sum(s.max_new for s in sequences)
@@ -258,6 +262,7 @@ def run_stats(generation: Generation, pp: int, loop_seconds: float, ranks: list[
         "pp_degree": pp,
         "prompts": len(sequences),
         "micro_batch_size": generation.micro_batch_size,
+        "prefill_chunks": sum(len(mb.chunks) for mb in generation.batches),
         "prompt_tokens": sum(len(s.prompt_ids) for s in sequences),
         "padding_fraction": round(padding_fraction(generation.batches), 4),
         "generated_tokens": generated,

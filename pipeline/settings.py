@@ -44,6 +44,7 @@ class RunSettings:
     truncate_prompts: bool = False
     micro_batch_size: int | None = None  # None: generation.default_micro_batch_size
     max_inflight: int | None = None  # None: pp + 1
+    prefill_chunk_tokens: int | None = None  # None: generation.PREFILL_CHUNK_TOKENS when pp > 1; 0: whole
     num_layers: int | None = None  # layers per stage (DejaVu meaning)
     max_layers: int | None = None
     balance_head: str | None = None  # None, "measured" (timed on rank 0) or "params" (by weights)

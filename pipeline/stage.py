@@ -108,28 +108,40 @@ class Stage(nn.Module):
         return self.embeddings is not None
 
     @torch.inference_mode()
-    def prefill(self, mb: int, x: torch.Tensor, real: torch.Tensor, cache_len: int) -> torch.Tensor:
-        """Start micro-batch ``mb`` with its prompt step; ``real`` (B, T) is the left-padding
-        mask and ``cache_len`` the prompt width plus the most new tokens of any row. The
-        prompts run packed, without their padding: ``x`` is the (B, T) token ids on the
-        first stage, elsewhere the packed (1, N, hidden) states of the N real tokens, which
-        is also what a stage before the last returns."""
-        batch, width = real.shape
-        length = padded_cache_length(cache_len)
-        self.rope.ensure(length)
-        key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
-        key_valid[:, :width] = real
+    def prefill(
+        self, mb: int, x: torch.Tensor, real: torch.Tensor, cache_len: int, first_row: int = 0, batch: int = 0
+    ) -> torch.Tensor:
+        """Start micro-batch ``mb`` with its prompt step, whole or in chunks of rows: ``real``
+        (n, T) is the left-padding mask of rows ``first_row`` .. ``first_row + n - 1`` of a
+        micro-batch of ``batch`` rows (0: n, all of it at once), and ``cache_len`` the prompt
+        width plus the most new tokens of any row. The chunk at row 0 sets the micro-batch
+        up, so chunks come in row order. The prompts run packed, without their padding: ``x``
+        is the (n, T) token ids on the first stage, elsewhere the packed (1, N, hidden)
+        states of the chunk's N real tokens, which is also what a stage before the last
+        returns; the last returns the chunk's n greedy tokens."""
+        rows, width = real.shape
+        if first_row == 0:
+            self._start(mb, batch or rows, width, cache_len)
+        state = self.states[mb]
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        caches = self.pool.take(batch, length)
-        slot = torch.tensor([width], device=self.device)
-        self.states[mb] = MicroBatchState(caches, key_valid, positions[:, -1:] + 1, slot)
-        packed = PackedPrompts.of(real)
+        state.key_valid[first_row : first_row + rows, :width] = real
+        state.position[first_row : first_row + rows] = positions[:, -1:] + 1
+        packed = PackedPrompts.of(real, first_row)
         if self.input_is_tokens:
             x = x[real][None]
         cos, sin = self.rope.lookup(positions[real][None])
         everything = torch.ones(1, len(packed.batch_index), dtype=torch.bool, device=self.device)
         ctx = StepContext(cos, sin, None, None, everything, packed)
-        return self._forward(x, ctx, caches, packed.last_tokens)
+        return self._forward(x, ctx, state.caches, packed.last_tokens)
+
+    def _start(self, mb: int, batch: int, width: int, cache_len: int) -> None:
+        """A micro-batch's caches (from the pool) and state; its prefill fills in its rows."""
+        length = padded_cache_length(cache_len)
+        self.rope.ensure(length)
+        key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        slot = torch.tensor([width], device=self.device)
+        self.states[mb] = MicroBatchState(self.pool.take(batch, length), key_valid, position, slot)
 
     @torch.inference_mode()
     def decode(self, mb: int, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

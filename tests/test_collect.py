@@ -109,10 +109,13 @@ def collect(model_dir, tmp_path, nproc, extra=(), prompts=None, name="collect"):
     return results, tmp_path / name
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_rows_equal_hf_activations(tiny_shard_dir, tiny_model, tmp_path, nproc):
+@pytest.mark.parametrize(
+    "nproc,extra", [(1, []), (2, []), (2, ["--prefill-chunk-tokens", "1"])], ids=["1", "2", "2-chunked"]
+)
+def test_rows_equal_hf_activations(tiny_shard_dir, tiny_model, tmp_path, nproc, extra):
+    """Prefill chunks of one prompt each record the same rows, in the same order."""
     model, tokenizer = tiny_model
-    results, collect_dir = collect(tiny_shard_dir, tmp_path, nproc)
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, nproc, extra)
     manifest, data = read_dataset(collect_dir)
     layers = list(range(model.config.num_hidden_layers))
     assert manifest["layers"] == layers and manifest["dtype"] == "float16"

@@ -60,15 +60,21 @@ def test_smollm_tokens_equal_hf_generate(smollm_shard_dir, smollm_reference, tmp
     assert [r["prompt"] for r in rows] == PROMPTS
 
 
-@pytest.mark.parametrize("nproc,micro_batch", [(1, 1), (2, 2), (3, len(PROMPTS))])
-def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, tmp_path, nproc, micro_batch):
-    # 4 layers on 3 stages is an uneven split (2, 1, 1).
+@pytest.mark.parametrize(
+    "nproc,micro_batch,chunk",
+    [(1, 1, None), (2, 2, None), (3, len(PROMPTS), None), (2, len(PROMPTS), 1), (3, 3, 12)],
+    ids=["1-stage", "2-stages", "3-stages", "2-stages-prompt-chunks", "3-stages-12-token-chunks"],
+)
+def test_tiny_llama32_tokens_equal_hf_generate(tiny_shard_dir, tiny_reference, tmp_path, nproc, micro_batch, chunk):
+    """4 layers on 3 stages is an uneven split (2, 1, 1). Prefill chunks of 1 token make
+    every prompt a chunk of its own; of 12, some chunks hold several prompts."""
+    chunks = [] if chunk is None else ["--prefill-chunk-tokens", str(chunk)]
     rows = run_infer(
         tiny_shard_dir,
         prompts_file(tmp_path),
         tmp_path / "out.jsonl",
         nproc,
-        ["--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(micro_batch)],
+        ["--max-new-tokens", str(NEW_TOKENS), "--micro-batch-size", str(micro_batch), *chunks],
     )
     assert [r["token_ids"] for r in rows] == tiny_reference
 

@@ -12,7 +12,13 @@ from pipeline_helpers import PROMPTS, hf_greedy, run_infer, write_prompts
 
 from engine.prompts import PromptRequest
 from modules.llama import PackedPrompts
-from pipeline.generation import Sequence, default_micro_batch_size, make_micro_batches, padding_fraction
+from pipeline.generation import (
+    Sequence,
+    default_micro_batch_size,
+    make_micro_batches,
+    padding_fraction,
+    prefill_chunks,
+)
 from pipeline.stage import CACHE_LENGTH_STEP
 
 
@@ -29,6 +35,25 @@ def test_packed_prefill_layout_by_hand():
     assert packed.batch_index.tolist() == [0, 0, 1, 1, 1, 2]
     assert packed.slot_index.tolist() == [1, 2, 0, 1, 2, 2]
     assert packed.last_tokens.tolist() == [1, 4, 5]
+
+
+def test_packed_prefill_of_a_later_chunk_by_hand():
+    """The same prompts' rows 1 and 2 as a chunk: their tokens go to rows 1 and 2 of the
+    micro-batch's cache, and are packed from 0 within the chunk."""
+    real = torch.tensor([[True, True, True], [False, False, True]])
+    packed = PackedPrompts.of(real, first_row=1)
+    assert packed.bounds == [(0, 3), (3, 4)]
+    assert packed.batch_index.tolist() == [1, 1, 1, 2]
+    assert packed.slot_index.tolist() == [0, 1, 2, 2]
+
+
+def test_prefill_chunks_by_hand():
+    """Prompts of 5, 4, 2 and 1 tokens, 6 tokens a chunk: 5 | 4 + 2 | 1 (5 + 4 and 4 + 2 + 1
+    are over 6). A prompt longer than a chunk is a chunk of its own; no budget, one chunk."""
+    assert prefill_chunks([5, 4, 2, 1], 6) == [(0, 1), (1, 3), (3, 4)]
+    assert prefill_chunks([9, 1], 6) == [(0, 1), (1, 2)]
+    assert prefill_chunks([5, 4, 2, 1], 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert prefill_chunks([5, 4, 2, 1], None) == prefill_chunks([5, 4, 2, 1], 0) == [(0, 4)]
 
 
 def test_default_micro_batch_size_by_hand():
