@@ -44,7 +44,7 @@ CACHE_LENGTH_STEP = 64
 class MicroBatchState:
     """What a stage remembers about one micro-batch between its steps."""
 
-    caches: list[KVCache]
+    caches: list[KVCache] | list[None]  # None: a prompt-only micro-batch keeps no cache
     key_valid: torch.Tensor  # (B, cache length) bool: slots holding real keys
     position: torch.Tensor  # (B, 1) long: rotary position of the next token
     slot: torch.Tensor  # (1,) long: cache slot of the next token
@@ -118,7 +118,9 @@ class Stage(nn.Module):
         up, so chunks come in row order. The prompts run packed, without their padding: ``x``
         is the (n, T) token ids on the first stage, elsewhere the packed (1, N, hidden)
         states of the chunk's N real tokens, which is also what a stage before the last
-        returns; the last returns the chunk's n greedy tokens."""
+        returns; the last returns the chunk's n greedy tokens. A micro-batch that generates
+        nothing (``cache_len`` = T: prompt-only collection) keeps no KV cache and predicts
+        no token (zeros): nothing would read either."""
         rows, width = real.shape
         if first_row == 0:
             self._start(mb, batch or rows, width, cache_len)
@@ -132,16 +134,23 @@ class Stage(nn.Module):
         cos, sin = self.rope.lookup(positions[real][None])
         everything = torch.ones(1, len(packed.batch_index), dtype=torch.bool, device=self.device)
         ctx = StepContext(cos, sin, None, None, everything, packed)
-        return self._forward(x, ctx, state.caches, packed.last_tokens)
+        h = self._layers(x, ctx, state.caches)
+        if self.head is None:
+            return h
+        if cache_len <= width:
+            return torch.zeros(rows, dtype=torch.long, device=self.device)
+        return self.head(h[0, packed.last_tokens]).argmax(dim=-1)
 
     def _start(self, mb: int, batch: int, width: int, cache_len: int) -> None:
-        """A micro-batch's caches (from the pool) and state; its prefill fills in its rows."""
+        """A micro-batch's caches (from the pool, if it generates) and state; its prefill
+        fills in its rows."""
         length = padded_cache_length(cache_len)
         self.rope.ensure(length)
         key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
         position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         slot = torch.tensor([width], device=self.device)
-        self.states[mb] = MicroBatchState(self.pool.take(batch, length), key_valid, position, slot)
+        caches = self.pool.take(batch, length) if cache_len > width else [None] * len(self.blocks)
+        self.states[mb] = MicroBatchState(caches, key_valid, position, slot)
 
     @torch.inference_mode()
     def decode(self, mb: int, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -166,16 +175,16 @@ class Stage(nn.Module):
         slot.add_(1)
         return out
 
-    def _forward(
-        self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache], last: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``last``: the packed prefill's last token per prompt (decode: each row's only one)."""
+    def _forward(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache]) -> torch.Tensor:
+        """A decode step: the hidden states, or on the last stage each row's greedy token."""
+        h = self._layers(x, ctx, caches)
+        return h if self.head is None else self.head(h[:, -1]).argmax(dim=-1)
+
+    def _layers(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache | None]) -> torch.Tensor:
         h = self.embeddings(x) if self.embeddings is not None else x
         for block, cache in zip(self.blocks, caches):
             h = block(h, ctx, cache)
-        if self.head is None:
-            return h
-        return self.head(h[:, -1] if last is None else h[0, last]).argmax(dim=-1)
+        return h
 
     def pack_weights(self) -> int:
         """Pack the linear weights of the head and of the blocks' packable parts for the CPU's
@@ -206,7 +215,7 @@ class Stage(nn.Module):
 
     def release(self, mb: int) -> None:
         state = self.states.pop(mb, None)
-        if state is not None:
+        if state is not None and None not in state.caches:
             self.pool.give_back(*state.key_valid.shape, state.caches)
 
 

@@ -156,12 +156,17 @@ def test_mixed_stage_types_record_only_save_stages(tiny_shard_dir, tmp_path):
     )
 
 
-def test_prompt_only_mode(tiny_shard_dir, tiny_model, tmp_path):
-    _, tokenizer = tiny_model
-    results, collect_dir = collect(tiny_shard_dir, tmp_path, 1, ["--max-new-tokens", "0"])
-    manifest = read_manifest(collect_dir)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_prompt_only_mode(tiny_shard_dir, tiny_model, tmp_path, nproc):
+    """No new tokens: the stages keep no KV cache and the last predicts no token, and the
+    rows are still every prompt token's HF activations."""
+    model, tokenizer = tiny_model
+    results, collect_dir = collect(tiny_shard_dir, tmp_path, nproc, ["--max-new-tokens", "0"])
+    manifest, data = read_dataset(collect_dir)
     assert all(r["token_ids"] == [] for r in results)
     assert manifest["rows"]["0"] == sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+    layers = list(range(model.config.num_hidden_layers))
+    assert_rows_match(data, expected_rows(model, results, tokenizer, layers), layers)
 
 
 def test_capacity_limit_stops_recording_not_generation(tiny_shard_dir, tmp_path):
