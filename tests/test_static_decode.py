@@ -97,7 +97,9 @@ def test_stats_report_the_padding_fraction(tiny_shard_dir, tiny_model, tmp_path,
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     extra = ["--max-new-tokens", "3", "--micro-batch-size", "2", "--stats-path", str(stats_path), *flags]
     rows = run_infer(tiny_shard_dir, prompts, tmp_path / "out.jsonl", 1, extra)
-    assert json.loads(stats_path.read_text())["padding_fraction"] == pytest.approx(expected, abs=1e-4)
+    stats = json.loads(stats_path.read_text())
+    assert stats["padding_fraction"] == pytest.approx(expected, abs=1e-4)
+    assert stats["prefill_chunks"] == 3  # one stage: each of the 3 micro-batches prefills whole
     assert [r["token_ids"] for r in rows] == [hf_greedy(model, tokenizer, p, 3) for p in PROMPTS]
 
 
