@@ -237,9 +237,17 @@ def drive(settings: RunSettings, stage: Stage, comm, tokenizer, sequences: list[
     batches = make_micro_batches(sequences, size, pad_id, settings.length_buckets, chunk_tokens)
     rules = GenerationRules(tokenizer, eos, settings.ignore_eos)
     driver = FirstStageDriver(stage, comm, rules, pad_id, settings.max_inflight or pp + 1)
-    total = sum(s.max_new for s in sequences)
-    with tqdm(total=total, unit="tok", desc="generate", disable=not settings.progress or None) as bar:
-        driver.run(batches, bar.update)
+    generating = any(s.max_new for s in sequences)
+    if generating:  # progress in new tokens
+        total, desc = sum(s.max_new for s in sequences), "generate"
+    else:  # prompt-only (collection): in prompt tokens, a micro-batch at a time
+        total, desc = sum(len(s.prompt_ids) for s in sequences), "prefill"
+    with tqdm(total=total, unit="tok", desc=desc, disable=not settings.progress or None) as bar:
+
+        def progress(mb: MicroBatch, generated: int) -> None:
+            bar.update(generated if generating else sum(len(s.prompt_ids) for s in mb.rows))
+
+        driver.run(batches, progress)
     return Generation(sequences, batches, size, driver.first_window_done_at or 0.0, rules)
 
 

@@ -62,7 +62,9 @@ class FirstStageDriver:
             tokens[start:stop] = self.comm.recv((stop - start,), torch.long, last)
         return tokens
 
-    def run(self, batches: list[MicroBatch], on_token: Callable[[int], None]) -> None:
+    def run(self, batches: list[MicroBatch], on_tokens: Callable[[MicroBatch, int], None]) -> None:
+        """Drive every micro-batch to its end; ``on_tokens(mb, n)`` hears of each step's
+        greedy tokens for ``mb``, ``n`` of them new tokens of its sequences."""
         waiting, inflight, prefilled = deque(batches), deque(), {}
         first_window = min(self.window, len(batches))
         served = 0
@@ -82,7 +84,7 @@ class FirstStageDriver:
             before = sum(len(s.generated) for s in mb.rows)
             for seq, token in zip(mb.rows, tokens.tolist()):
                 self.rules.accept(seq, token)
-            on_token(sum(len(s.generated) for s in mb.rows) - before)
+            on_tokens(mb, sum(len(s.generated) for s in mb.rows) - before)
             active = mb.active
             if active.any():
                 active = active.to(tokens.device)

@@ -1,6 +1,6 @@
 """The runner without a command line: one stage in this process, tokens equal to HF
-generate; the pieces it is made of (typed block options, the head's cost, core binding); and the blocks'
-import hygiene (no training code)."""
+generate, its progress bar; the pieces it is made of (typed block options, the head's
+cost, core binding); and the blocks' import hygiene (no training code)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,43 @@ def test_blocks_import_no_training_code():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [n for n in names if n.split(".")[0] in TRAINING_PACKAGES], f"{path.name} imports {names}"
+
+
+class RecordingBar:
+    """Stands in for tqdm: what a progress bar was asked to show."""
+
+    bars: list[RecordingBar] = []
+
+    def __init__(self, total, desc, **_):
+        self.total, self.desc, self.done = total, desc, 0
+        RecordingBar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def update(self, n):
+        self.done += n
+
+
+@pytest.mark.parametrize("max_new", [0, NEW_TOKENS], ids=["prompt-only", "generating"])
+def test_progress_counts_prompt_tokens_when_nothing_is_generated(
+    tiny_shard_dir, tiny_model, tmp_path, monkeypatch, max_new
+):
+    """A collection run (no new tokens) shows its progress in prompt tokens, not an empty
+    bar of 0 new tokens; a generating run counts the new tokens."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    RecordingBar.bars.clear()
+    _, tokenizer = tiny_model
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    settings = RunSettings(
+        model_dir=tiny_shard_dir, infer_data=prompts, max_new_tokens=max_new, micro_batch_size=2, ignore_eos=True
+    )
+    run(settings)
+    (bar,) = RecordingBar.bars
+    expected = sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS) if not max_new else max_new * len(PROMPTS)
+    assert (bar.desc, bar.total, bar.done) == ("prefill" if not max_new else "generate", expected, expected)
