@@ -23,6 +23,7 @@ os.environ.setdefault(*HUGE_PAGES)  # before torch's first allocation (engine/ho
 import torch
 
 from engine.atomic import write_json_atomic, write_jsonl_atomic
+from engine.cli_types import count
 from engine.comm import BACKENDS, PeerError
 from modules.llama_sparse import SPARSE_MODES, check_sparsity
 from modules.registry import BLOCK_TYPES
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--infer-data", required=True, help="prompts.jsonl")
     p.add_argument("--output-path", required=True, help="results.jsonl, written by rank 0 in input order")
-    p.add_argument("--max-new-tokens", "--generate-seq-length", type=_count(0), default=32)
+    p.add_argument("--max-new-tokens", "--generate-seq-length", type=count(0), default=32)
     p.add_argument(
         "--truncate-prompts",
         action="store_true",
@@ -52,23 +53,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch-size",
         "--token-micro-batch-size",
-        type=_count(1),
+        type=count(1),
         default=None,
         help="prompts per micro-batch (default: spread the prompts over the stages, at most 32; "
         "prompt-only runs: about 512 prompt tokens each)",
     )
     p.add_argument(
         "--prefill-chunk-tokens",
-        type=_count(0),
+        type=count(0),
         default=None,
         help="prompt tokens per prefill chunk sent down the pipeline (default: 64 with several stages,"
         " whole micro-batches with one; 0: whole micro-batches)",
     )
     p.add_argument(
-        "--max-inflight", type=_count(1), default=None, help="micro-batches in the ring at once (default pp + 1)"
+        "--max-inflight", type=count(1), default=None, help="micro-batches in the ring at once (default pp + 1)"
     )
-    p.add_argument("--num-layers", type=_count(1), default=None, help="layers per stage (DejaVu meaning)")
-    p.add_argument("--max-layers", type=_count(1), default=None, help="run only the first L layers")
+    p.add_argument("--num-layers", type=count(1), default=None, help="layers per stage (DejaVu meaning)")
+    p.add_argument("--max-layers", type=count(1), default=None, help="run only the first L layers")
     p.add_argument(
         "--balance-head",
         nargs="?",
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a silent peer is an error")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default float32 (float16 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="DejaVu alias for --dtype float16")
-    p.add_argument("--threads", type=_count(1), default=None, help="torch threads per rank (default: cores / ranks)")
+    p.add_argument("--threads", type=count(1), default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument(
         "--no-bind-cores",
         action="store_true",
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record only these layers, e.g. 0,15,28-31 (default: every layer of the llama-save stages)",
     )
     p.add_argument("--collect-dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--collect-capacity", type=_count(1), default=400_000, help="rows per layer file (DejaVu: 400000)")
+    p.add_argument("--collect-capacity", type=count(1), default=400_000, help="rows per layer file (DejaVu: 400000)")
     p.add_argument("--collect-resume", action="store_true", help="append to the dataset already in --collect-dir")
     p.add_argument("--collect-flush-seconds", type=float, default=30.0, help="how often rows are made durable")
     p.add_argument(
@@ -150,19 +151,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if needed and not getattr(args, needed[2:].replace("-", "_")):
             p.error(f"--sparse-mode {args.sparse_mode} needs {needed}")
     return args
-
-
-def _count(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    parse.__name__ = "integer"  # argparse's message names the type
-    return parse
 
 
 def _layer_list(text: str) -> tuple[int, ...]:

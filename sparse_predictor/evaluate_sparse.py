@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.atomic import write_json_atomic
+from engine.cli_types import count
 from engine.config import ModelConfig
 from engine.prompts import read_prompts
 from engine.shards import ShardError
@@ -104,12 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", default="0.3,0.5,0.7,0.9", help="comma-separated MLP sparsities in [0, 1)")
     p.add_argument("--predictor-dir", type=Path, help="for predictor mode: python -m sparse_predictor.train's --out")
     p.add_argument("--sparse-calibration", type=Path, help="for teal mode: a llama-save collect dir of this model")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per document for perplexity")
-    p.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--prompts", type=int, default=4, help="documents whose beginning prompts the greedy generations")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each generation prompt")
-    p.add_argument("--agreement-tokens", type=int, default=32, help="greedy tokens compared with dense")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-length", type=count(1), default=256, help="tokens per document for perplexity")
+    p.add_argument("--max-docs", type=count(1), default=None, help="use only the first N documents")
+    p.add_argument("--prompts", type=count(1), default=4, help="documents whose start prompts the greedy runs")
+    p.add_argument("--prompt-tokens", type=count(1), default=32, help="tokens of each generation prompt")
+    p.add_argument("--agreement-tokens", type=count(1), default=32, help="greedy tokens compared with dense")
+    p.add_argument("--threads", type=count(1), default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in SPARSE_MODES]

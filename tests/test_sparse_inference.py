@@ -320,3 +320,15 @@ def test_bad_sparse_input_is_refused_before_generation(tiny_shard_dir, predictor
     refused(sparse_args("predictor", 1.0, predictors), "--mlp-sparsity", by_argparse=True)
     refused(sparse_args("predictor", -0.1, predictors), "--mlp-sparsity", by_argparse=True)
     refused(["--model-type", "llama-sparse", "--mlp-sparsity", "0.5"], "--predictor-dir", by_argparse=True)
+
+
+@pytest.mark.parametrize("flag", ["--agreement-tokens", "--prompt-tokens", "--prompts", "--max-length"])
+def test_evaluation_refuses_counts_below_one(tmp_path, capsys, flag):
+    """Zero greedy tokens (or prompts, or document tokens) would measure nothing: refused,
+    naming the flag, before any model loads."""
+    from sparse_predictor.evaluate_sparse import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model-name", str(tmp_path), "--data", "d.jsonl", "--out", str(tmp_path / "o"), flag, "0"])
+    err = capsys.readouterr().err
+    assert flag in err and "must be at least 1, got 0" in err, err
