@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ CACHE_LENGTH_STEP = 64
 class MicroBatchState:
     """What a stage remembers about one micro-batch between its steps."""
 
-    caches: list[KVCache] | list[None]  # None: a prompt-only micro-batch keeps no cache
+    caches: list[KVCache] | None  # None: a micro-batch that generates nothing keeps no cache
     key_valid: torch.Tensor  # (B, cache length) bool: slots holding real keys
     position: torch.Tensor  # (B, 1) long: rotary position of the next token
     slot: torch.Tensor  # (1,) long: cache slot of the next token
@@ -137,7 +138,7 @@ class Stage(nn.Module):
         h = self._layers(x, ctx, state.caches)
         if self.head is None:
             return h
-        if cache_len <= width:
+        if state.caches is None:  # generates nothing: no token to predict
             return torch.zeros(rows, dtype=torch.long, device=self.device)
         return self.head(h[0, packed.last_tokens]).argmax(dim=-1)
 
@@ -149,7 +150,7 @@ class Stage(nn.Module):
         key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
         position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         slot = torch.tensor([width], device=self.device)
-        caches = self.pool.take(batch, length) if cache_len > width else [None] * len(self.blocks)
+        caches = self.pool.take(batch, length) if cache_len > width else None
         self.states[mb] = MicroBatchState(caches, key_valid, position, slot)
 
     @torch.inference_mode()
@@ -180,9 +181,9 @@ class Stage(nn.Module):
         h = self._layers(x, ctx, caches)
         return h if self.head is None else self.head(h[:, -1]).argmax(dim=-1)
 
-    def _layers(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache | None]) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, ctx: StepContext, caches: list[KVCache] | None) -> torch.Tensor:
         h = self.embeddings(x) if self.embeddings is not None else x
-        for block, cache in zip(self.blocks, caches):
+        for block, cache in zip(self.blocks, caches if caches is not None else repeat(None)):
             h = block(h, ctx, cache)
         return h
 
@@ -215,7 +216,7 @@ class Stage(nn.Module):
 
     def release(self, mb: int) -> None:
         state = self.states.pop(mb, None)
-        if state is not None and None not in state.caches:
+        if state is not None and state.caches is not None:
             self.pool.give_back(*state.key_valid.shape, state.caches)
 
 
