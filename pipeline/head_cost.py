@@ -23,9 +23,9 @@ ROWS, CACHE_LENGTH = 8, 128
 
 def measured_head_cost(config: ModelConfig, dtype: torch.dtype, device: torch.device, packed: bool) -> float:
     """The head's decode step time over a layer's, with the run's weight layout, each the
-    best of a time budget's runs. As many layers as hold the head's weights run in a row, so that neither side's
-    weights sit in a cache the real run would not have them in. Zero weights: the
-    kernels' time does not depend on the values."""
+    best of a time budget's runs. As many layers as hold the head's weights run in a row,
+    so that neither side's weights sit in a cache the real run would not have them in.
+    Zero weights: the kernels' time does not depend on the values."""
     count = max(1, round(lm_head_cost(config)))
     with torch.device("meta"):
         blocks, head = torch.nn.ModuleList(LlamaBlock(config, i) for i in range(count)), LlamaLMHead(config)
